@@ -1,0 +1,27 @@
+"""Boolean attention masks (True = the query may attend to the key), shared by every attention path."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def causal_mask(q_len: int, kv_len: int) -> jax.Array:
+  """(q_len, kv_len) causal mask with queries aligned to the END of the keys (decode with a cache):
+  query i sits at absolute position ``i + kv_len - q_len`` and sees keys ``j <= i + kv_len - q_len``."""
+  offset = kv_len - q_len
+  return jnp.arange(kv_len)[None, :] <= (jnp.arange(q_len)[:, None] + offset)
+
+
+def segment_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array) -> jax.Array:
+  """(batch, q_len, kv_len) mask: a query sees only keys of its own segment (packed sequences)."""
+  return q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+
+
+def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
+  """Logical AND of the given (broadcastable) masks; ``None`` entries are ignored."""
+  out = None
+  for m in masks:
+    if m is not None:
+      out = m if out is None else jnp.logical_and(out, m)
+  return out

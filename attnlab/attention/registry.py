@@ -1,0 +1,51 @@
+"""Registry of attention modules, keyed by their config class.
+
+Every attention module has the same constructor and call signature::
+
+    Module(cfg: AttentionConfig subclass, d_model: int, *, rngs: nnx.Rngs, init: str = "gpt", dtype=jnp.float32)
+    module(x, *, positions, segment_ids=None, return_internals=False) -> (y, aux)
+
+``x``/``y`` are (batch, seq, d_model); ``positions``/``segment_ids`` are (batch, seq) ints; ``aux`` is a dict that
+may hold ``"aux_loss"`` (a scalar added to the LM loss) and, when ``return_internals``, analysis tensors
+(``"weights"`` (batch, heads, q, k), ``"sink_mass"`` (batch, heads, q), ``"queries"``, ``"keys"``, ``"values"``).
+Adding a variant = one new file (config subclass + module decorated with ``register_attention``) + one import
+line in :mod:`attnlab.attention.variants`.
+"""
+
+from __future__ import annotations
+
+from attnlab.attention.config import AttentionConfig
+
+_MODULES: dict[type, type] = {}
+_NAMES: dict[str, type] = {}
+
+
+def register_attention(name: str, config_cls: type[AttentionConfig]):
+  """Class decorator registering an attention module for ``config_cls`` under ``name``."""
+
+  def wrap(module_cls):
+    if config_cls in _MODULES or name in _NAMES:
+      raise ValueError(f"attention kind {name!r} / {config_cls.__name__} is already registered")
+    _MODULES[config_cls] = module_cls
+    _NAMES[name] = config_cls
+    return module_cls
+
+  return wrap
+
+
+def attention_module_for(cfg: AttentionConfig) -> type:
+  try:
+    return _MODULES[type(cfg)]
+  except KeyError:
+    raise ValueError(f"no attention module registered for {type(cfg).__name__}; known: {sorted(_NAMES)}") from None
+
+
+def attention_config_class(name: str) -> type[AttentionConfig]:
+  try:
+    return _NAMES[name]
+  except KeyError:
+    raise ValueError(f"unknown attention kind {name!r}; known: {sorted(_NAMES)}") from None
+
+
+def attention_kinds() -> list[str]:
+  return sorted(_NAMES)

@@ -1,0 +1,31 @@
+"""Softmax attention with optional per-head sink logits.
+
+    p_ij = exp(s_ij) / (sum_{j visible} exp(s_ij) + exp(sink_h))
+
+``sink_h`` is a per-head "attend to nothing" logit (gpt-oss; Miller's softmax-off-by-one is ``sink_h = 0``,
+StreamingLLM's "Zero Sink"). Without sinks this is Vaswani et al. (2017). The sink term is combined in log space
+(``logsumexp([s, sink])``), which is the correct form (see torchtitan PR #2211 for a wrong ``sigmoid(lse - sink)``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from attnlab.attention.scores.registry import register_score
+
+
+@register_score("softmax", supports_sink_logits=True)
+def softmax_weights(s, mask, *, sink_logits=None, ctx=None):
+  """p_ij = exp(s_ij) / (sum_j exp(s_ij) + exp(sink_h)); masked -> 0; empty row without sink -> 0."""
+  del ctx
+  s = jnp.where(mask, s, -jnp.inf)
+  m = jnp.max(s, axis=-1, keepdims=True)
+  if sink_logits is not None:
+    m = jnp.maximum(m, sink_logits)
+  m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+  e = jnp.where(mask, jnp.exp(s - m), 0.0)
+  denom = jnp.sum(e, axis=-1, keepdims=True)
+  if sink_logits is not None:
+    denom = denom + jnp.exp(sink_logits - m)
+  return e / jnp.where(denom > 0, denom, 1.0)

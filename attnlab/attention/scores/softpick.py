@@ -1,0 +1,26 @@
+"""Softpick (Zuhri et al. 2025, "Softpick: No Attention Sink, No Massive Activations with Rectified Softmax").
+
+    p_ij = relu(exp(s_ij) - 1) / (sum_{j visible} |exp(s_ij) - 1| + eps)
+
+Computed without overflow by factoring out ``exp(m)``, ``m = max(0, max_j s_ij)``:
+    p_ij = relu(exp(s_ij - m) - exp(-m)) / (sum_j |exp(s_ij - m) - exp(-m)| + eps * exp(-m)).
+Masked keys contribute nothing to the denominator (a masked key is not a key with exp(s) - 1 = -1).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from attnlab.attention.scores.registry import register_score
+
+
+@register_score("softpick", params=("eps",))
+def softpick_weights(s, mask, *, sink_logits=None, ctx=None, eps=1e-6):
+  """p_ij = relu(e^s_ij - 1) / (sum_j |e^s_ij - 1| + eps), overflow-free."""
+  del sink_logits, ctx
+  s = jnp.where(mask, s, 0.0)
+  m = jax.lax.stop_gradient(jnp.maximum(jnp.max(s, axis=-1, keepdims=True), 0.0))
+  shifted = jnp.where(mask, jnp.exp(s - m) - jnp.exp(-m), 0.0)
+  denom = jnp.sum(jnp.abs(shifted), axis=-1, keepdims=True) + eps * jnp.exp(-m)
+  return jax.nn.relu(shifted) / denom

@@ -1,0 +1,3 @@
+"""Attention modules. Importing this package registers every variant (one import line per variant)."""
+
+from attnlab.attention.variants import dot_product  # noqa: F401

@@ -1,0 +1,73 @@
+"""Small building blocks shared by attention modules and the LM: RoPE, norms, MLP, initialisers."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Parameter initialisers. "pytorch": nn.Linear's U(-1/sqrt(fan_in), 1/sqrt(fan_in)) and nn.Embedding's N(0, 1)
+# (sinks form reliably with it in the Bigram-Backcopy recipe; see shared/research/sinks.md §7);
+# "gpt": N(0, 0.02) everywhere (GPT-2 / nanoGPT).
+INITS = ("gpt", "pytorch")
+
+
+def kernel_init(init: str):
+  if init == "pytorch":
+    return nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+  if init == "gpt":
+    return nnx.initializers.normal(0.02)
+  raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
+
+
+def embed_init(init: str):
+  if init == "pytorch":
+    return nnx.initializers.normal(1.0)
+  if init == "gpt":
+    return nnx.initializers.normal(0.02)
+  raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, base: float = 10_000.0) -> jax.Array:
+  """Rotary position embedding (Su et al. 2021), rotate-half convention.
+
+  x: (batch, seq, heads, head_dim) with even head_dim; positions: (batch, seq) integer positions.
+  Pair (x_i, x_{i+d/2}) is rotated by angle ``pos * base^(-2i/d)``.
+  """
+  head_dim = x.shape[-1]
+  if head_dim % 2:
+    raise ValueError(f"RoPE needs an even head_dim; got {head_dim}")
+  half = head_dim // 2
+  inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (batch, seq, half)
+  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def make_norm(kind: str, dim: int, eps: float, *, rngs: nnx.Rngs, dtype=jnp.float32) -> nnx.Module:
+  if kind == "rmsnorm":
+    return nnx.RMSNorm(dim, epsilon=eps, dtype=dtype, rngs=rngs)
+  if kind == "layernorm":
+    return nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, rngs=rngs)
+  raise ValueError(f"unknown norm {kind!r}; expected 'rmsnorm' or 'layernorm'")
+
+
+class MLP(nnx.Module):
+  """Feed-forward block: SwiGLU ``W_o(silu(W_g x) * W_u x)`` (Shazeer 2020) or ``W_o act(W_u x)`` for gelu/relu."""
+
+  def __init__(self, d_model: int, hidden: int, activation: str, *, init: str, rngs: nnx.Rngs, dtype=jnp.float32):
+    if activation not in ("swiglu", "gelu", "relu"):
+      raise ValueError(f"unknown MLP activation {activation!r}; expected 'swiglu', 'gelu' or 'relu'")
+    self.activation = activation
+    lin = lambda i, o: nnx.Linear(i, o, use_bias=False, kernel_init=kernel_init(init), dtype=dtype, rngs=rngs)
+    self.up = lin(d_model, hidden)
+    self.gate = lin(d_model, hidden) if activation == "swiglu" else None
+    self.down = lin(hidden, d_model)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.activation == "swiglu":
+      h = jax.nn.silu(self.gate(x)) * self.up(x)
+    else:
+      h = (jax.nn.gelu if self.activation == "gelu" else jax.nn.relu)(self.up(x))
+    return self.down(h)

@@ -1,0 +1,50 @@
+"""Typed, frozen configuration of the decoder-only LM."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from attnlab.attention.config import AttentionConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Decoder-only LM. ``attention`` is one config for every layer, or a tuple used as a repeating per-layer
+  pattern: ``(lightning, lightning, lightning, softmax)`` with 8 layers = "every 4th layer softmax"."""
+
+  vocab_size: int = 259  # byte-level: 256 bytes + BOS/EOS/PAD
+  d_model: int = 256
+  num_layers: int = 4
+  attention: AttentionConfig | tuple[AttentionConfig, ...] = AttentionConfig()
+  mlp_dim: int | None = None  # None -> 4 * d_model (gelu/relu) or the SwiGLU size 8/3 * d_model rounded to 64
+  mlp_activation: str = "swiglu"
+  norm: str = "rmsnorm"
+  norm_eps: float = 1e-6
+  tie_embeddings: bool = False
+  max_seq_len: int = 4096  # longest sequence the model accepts (positions beyond it are refused)
+  init: str = "gpt"  # "gpt" (N(0, 0.02)) or "pytorch" (nn.Linear / nn.Embedding defaults)
+  dtype: str = "float32"  # compute dtype; parameters stay float32
+
+  def __post_init__(self):
+    if isinstance(self.attention, list):
+      object.__setattr__(self, "attention", tuple(self.attention))
+    pattern = self.attention_pattern
+    if not pattern or self.num_layers % len(pattern):
+      raise ValueError(f"the attention pattern has {len(pattern)} entries, which does not divide num_layers "
+                       f"({self.num_layers})")
+
+  @property
+  def attention_pattern(self) -> tuple[AttentionConfig, ...]:
+    return self.attention if isinstance(self.attention, tuple) else (self.attention,)
+
+  def layer_attention(self, layer: int) -> AttentionConfig:
+    pattern = self.attention_pattern
+    return pattern[layer % len(pattern)]
+
+  @property
+  def resolved_mlp_dim(self) -> int:
+    if self.mlp_dim is not None:
+      return self.mlp_dim
+    if self.mlp_activation == "swiglu":
+      return 64 * max(1, round(8 * self.d_model / 3 / 64))
+    return 4 * self.d_model
