@@ -12,19 +12,24 @@ from flax import nnx
 INITS = ("gpt", "pytorch")
 
 
-def kernel_init(init: str):
+def _with_axes(initializer, axes: tuple[str | None, ...] | None):
+  """Attaches logical axis names (see :mod:`attnlab.parallel.sharding`) to the parameter it creates."""
+  return initializer if axes is None else nnx.with_metadata(initializer, logical_axes=tuple(axes))
+
+
+def kernel_init(init: str, axes: tuple[str | None, ...] | None = None):
   if init == "pytorch":
-    return nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+    return _with_axes(nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"), axes)
   if init == "gpt":
-    return nnx.initializers.normal(0.02)
+    return _with_axes(nnx.initializers.normal(0.02), axes)
   raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
 
 
-def embed_init(init: str):
+def embed_init(init: str, axes: tuple[str | None, ...] | None = ("vocab", "embed")):
   if init == "pytorch":
-    return nnx.initializers.normal(1.0)
+    return _with_axes(nnx.initializers.normal(1.0), axes)
   if init == "gpt":
-    return nnx.initializers.normal(0.02)
+    return _with_axes(nnx.initializers.normal(0.02), axes)
   raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
 
 
@@ -60,10 +65,11 @@ class MLP(nnx.Module):
     if activation not in ("swiglu", "gelu", "relu"):
       raise ValueError(f"unknown MLP activation {activation!r}; expected 'swiglu', 'gelu' or 'relu'")
     self.activation = activation
-    lin = lambda i, o: nnx.Linear(i, o, use_bias=False, kernel_init=kernel_init(init), dtype=dtype, rngs=rngs)
-    self.up = lin(d_model, hidden)
-    self.gate = lin(d_model, hidden) if activation == "swiglu" else None
-    self.down = lin(hidden, d_model)
+    lin = lambda i, o, axes: nnx.Linear(i, o, use_bias=False, kernel_init=kernel_init(init, axes), dtype=dtype,
+                                        rngs=rngs)
+    self.up = lin(d_model, hidden, ("embed", "mlp"))
+    self.gate = lin(d_model, hidden, ("embed", "mlp")) if activation == "swiglu" else None
+    self.down = lin(hidden, d_model, ("mlp", "embed"))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.activation == "swiglu":

@@ -1,4 +1,7 @@
 import os
 
-# Keep the suite on one predictable CPU backend.
+import jax
+
+# One predictable CPU backend with 8 virtual devices, so sharding (DP / FSDP / TP) is testable on a laptop.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+jax.config.update("jax_num_cpu_devices", 8)

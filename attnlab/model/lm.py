@@ -41,7 +41,8 @@ class DecoderLM(nnx.Module):
     self.blocks = nnx.List([Block(cfg, i, rngs=rngs, dtype=dtype) for i in range(cfg.num_layers)])
     self.final_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, rngs=rngs, dtype=dtype)
     self.head = None if cfg.tie_embeddings else nnx.Linear(
-        cfg.d_model, cfg.vocab_size, use_bias=False, kernel_init=kernel_init(cfg.init), dtype=dtype, rngs=rngs)
+        cfg.d_model, cfg.vocab_size, use_bias=False, kernel_init=kernel_init(cfg.init, ("embed", "vocab")), dtype=dtype,
+        rngs=rngs)
 
   def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None, return_aux: bool = False, return_internals: bool = False):

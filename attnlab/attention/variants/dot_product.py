@@ -32,11 +32,11 @@ class QKVProjection(nnx.Module):
   def __init__(self, cfg: AttentionConfig, d_model: int, *, init: str, rngs: nnx.Rngs, dtype=jnp.float32):
     self.cfg = cfg
     self.head_dim = cfg.resolved_head_dim(d_model)
-    lin = lambda o: nnx.Linear(d_model, o, use_bias=cfg.use_bias, kernel_init=kernel_init(init), dtype=dtype,
-                               rngs=rngs)
-    self.q = lin(cfg.num_heads * self.head_dim)
-    self.k = lin(cfg.kv_heads * self.head_dim)
-    self.v = lin(cfg.kv_heads * self.head_dim)
+    lin = lambda o, axes: nnx.Linear(d_model, o, use_bias=cfg.use_bias, kernel_init=kernel_init(init, axes),
+                                     dtype=dtype, rngs=rngs)
+    self.q = lin(cfg.num_heads * self.head_dim, ("embed", "heads"))
+    self.k = lin(cfg.kv_heads * self.head_dim, ("embed", "kv_heads"))
+    self.v = lin(cfg.kv_heads * self.head_dim, ("embed", "kv_heads"))
     if cfg.qk_norm:
       self.q_norm = nnx.RMSNorm(self.head_dim, dtype=dtype, rngs=rngs)
       self.k_norm = nnx.RMSNorm(self.head_dim, dtype=dtype, rngs=rngs)
@@ -63,7 +63,9 @@ class OutputGate(nnx.Module):
                dtype=jnp.float32):
     self.mode = mode
     out = num_heads * head_dim if mode == "elementwise" else num_heads
-    self.proj = nnx.Linear(d_model, out, use_bias=True, kernel_init=kernel_init(init), dtype=dtype, rngs=rngs)
+    axes = ("embed", "heads") if mode == "elementwise" else ("embed", None)
+    self.proj = nnx.Linear(d_model, out, use_bias=True, kernel_init=kernel_init(init, axes), dtype=dtype,
+                           rngs=rngs)
 
   def __call__(self, x: jax.Array, o: jax.Array) -> jax.Array:
     b, t, h, d = o.shape
@@ -87,8 +89,8 @@ class DotProductAttention(nnx.Module):
     self.cfg = cfg
     self.qkv = QKVProjection(cfg, d_model, init=init, rngs=rngs, dtype=dtype)
     hd = self.qkv.head_dim
-    self.o = nnx.Linear(cfg.num_heads * hd, d_model, use_bias=cfg.use_bias, kernel_init=kernel_init(init),
-                        dtype=dtype, rngs=rngs)
+    self.o = nnx.Linear(cfg.num_heads * hd, d_model, use_bias=cfg.use_bias,
+                        kernel_init=kernel_init(init, ("heads", "embed")), dtype=dtype, rngs=rngs)
     self.sink_logits = nnx.Param(jnp.full((cfg.num_heads,), cfg.sink_logit_init, jnp.float32)) if cfg.sink_logit \
         else None
     slot = nnx.initializers.normal(1.0 / hd ** 0.5)

@@ -1,0 +1,45 @@
+"""Device mesh from config: axes ``data`` (pure data parallel), ``fsdp`` (data parallel with sharded parameters
+and optimizer state, ZeRO-3 style) and ``tensor`` (Megatron-style tensor parallel over heads / MLP / vocab)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Sizes of the mesh axes; one of them may be -1 (inferred from the device count)."""
+
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+
+  def shape(self, num_devices: int) -> tuple[int, ...]:
+    sizes = [self.data, self.fsdp, self.tensor]
+    if sizes.count(-1) > 1:
+      raise ValueError(f"at most one mesh axis may be -1 (inferred); got {self}")
+    if any(s == 0 or s < -1 for s in sizes):
+      raise ValueError(f"mesh axis sizes must be positive or -1; got {self}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+      if num_devices % known:
+        raise ValueError(f"{num_devices} devices cannot be split into a mesh with fixed axes {self}")
+      sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+      raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices; {num_devices} exist")
+    return tuple(sizes)
+
+
+def make_mesh(cfg: MeshConfig = MeshConfig(), devices=None) -> Mesh:
+  """A (data, fsdp, tensor) mesh over ``devices`` (default: all global devices), with Auto axis types so that
+  XLA propagates shardings from the annotated parameters and batch."""
+  devices = jax.devices() if devices is None else list(devices)
+  shape = cfg.shape(len(devices))
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
