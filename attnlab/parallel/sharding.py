@@ -41,8 +41,9 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES):
   """NamedSharding tree matching ``state`` (an ``nnx.State``), from each Variable's ``logical_axes``."""
 
   def spec(v):
-    axes = v.get_metadata().get("logical_axes") if isinstance(v, nnx.Variable) else None
-    return NamedSharding(mesh, logical_to_spec(axes, rules))
+    if not isinstance(v, nnx.Variable):
+      return NamedSharding(mesh, P())
+    return v.replace(NamedSharding(mesh, logical_to_spec(v.get_metadata().get("logical_axes"), rules)))
 
   return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
