@@ -1,7 +1,6 @@
-"""Evaluation: held-out perplexity / bits-per-byte, length extrapolation, passkey retrieval."""
+"""Evaluation: held-out perplexity / bits-per-byte (``lm_eval``), length extrapolation (``extrapolation``),
+passkey retrieval (``passkey``); ``run.run_evaluation`` / ``run.evaluate_workdir`` write ``eval.json``."""
 
 from attnlab.eval.config import EvalConfig
-from attnlab.eval.lm_eval import evaluate_batches
-from attnlab.eval.run import evaluate_workdir, run_evaluation
 
-__all__ = ["EvalConfig", "evaluate_batches", "evaluate_workdir", "run_evaluation"]
+__all__ = ["EvalConfig"]
