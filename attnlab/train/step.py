@@ -73,7 +73,7 @@ def train_step_fn(graphdef, opt_cfg: OptimizerConfig, total_steps: int, z_loss: 
       zeros = jax.tree.map(lambda x: jnp.zeros((), jnp.float32), zeros)
       init = (rest, jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32), zeros)
       (rest, grads, loss, parts), _ = jax.lax.scan(body, init, micro)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     params = optax.apply_updates(params, updates)
     metrics = {"loss": loss, "ce": parts["ce_sum"] / num_tokens, "z_loss": parts["z_sum"] / num_tokens,
