@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/attnlab demo
+	$(BIN)/attnlab demo --workdir runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

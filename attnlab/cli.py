@@ -1,56 +1,103 @@
-"""The ``attnlab`` command line. (Interim: ``demo`` trains a tiny byte-level LM for a few steps; the full
-train/eval/sinks commands arrive with the training harness.)"""
+"""The ``attnlab`` command line (t5x-style gin flags).
+
+    attnlab train --gin_file experiments/X.gin [--gin_file more.gin] [--gin.KEY=VALUE ...] --workdir DIR [--force]
+    attnlab eval  --workdir DIR [--gin_file ...] [--gin.KEY=VALUE ...]   (defaults to DIR/config.gin)
+    attnlab demo  [--workdir DIR] [--gin.KEY=VALUE ...]                  (experiments/demo.gin)
+
+Re-running ``train`` with the same workdir resumes from the newest checkpoint; SIGTERM/SIGINT save and exit.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
-import time
 
 
-def _demo(steps: int) -> None:
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  import optax
-  from flax import nnx
-  from pydoc_data.topics import topics
+def _split_gin_flags(argv: list[str]) -> tuple[list[str], list[str]]:
+  """Pulls ``--gin.KEY=VALUE`` out of argv as gin bindings ``KEY = VALUE``."""
+  rest, bindings = [], []
+  for a in argv:
+    if a.startswith("--gin."):
+      key, sep, value = a[len("--gin."):].partition("=")
+      if not sep or not key:
+        raise SystemExit(f"attnlab: error: {a!r} must look like --gin.KEY=VALUE")
+      bindings.append(f"{key} = {value}")
+    else:
+      rest.append(a)
+  return rest, bindings
 
-  import attnlab
 
-  text = "\n".join(topics[k] for k in sorted(topics)).encode("utf-8")
-  data = np.frombuffer(text, np.uint8).astype(np.int32)
-  cfg = attnlab.ModelConfig(d_model=128, num_layers=2, attention=attnlab.AttentionConfig(num_heads=4))
-  model = attnlab.DecoderLM(cfg, rngs=nnx.Rngs(0))
-  opt = nnx.Optimizer(model, optax.adamw(3e-3), wrt=nnx.Param)
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="attnlab", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+  for name, help_ in (("train", "train (or resume) a run in --workdir"),
+                      ("eval", "evaluate the newest checkpoint of --workdir into eval.json"),
+                      ("demo", "train the tiny byte-level LM on the embedded corpus (a few minutes on CPU)")):
+    p = sub.add_parser(name, help=help_)
+    p.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable; later files win)")
+    p.add_argument("--gin_bindings", action="append", default=[], help="a gin binding 'KEY = VALUE'")
+    p.add_argument("--gin_search_path", action="append", default=[], help="directory for gin includes")
+    p.add_argument("--workdir", required=name != "demo", default="runs/demo" if name == "demo" else None)
+    if name != "eval":
+      p.add_argument("--force", action="store_true", help="resume even if the workdir holds another config")
+  return parser
 
-  @nnx.jit
-  def step(model, opt, batch):
-    def loss_fn(m):
-      logits = m(batch[:, :-1])
-      return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
-    opt.update(model, grads)
-    return loss
 
-  rng = np.random.default_rng(0)
-  t0 = time.time()
-  for i in range(steps):
-    starts = rng.integers(0, len(data) - 129, size=16)
-    loss = step(model, opt, jnp.asarray(np.stack([data[s:s + 129] for s in starts])))
-    if i % 10 == 0 or i == steps - 1:
-      print(f"step {i:4d}  loss {float(loss):.3f}  ({time.time() - t0:.1f}s)", flush=True)
+def _train(args, bindings: list[str], gin_files: list[str]) -> int:
+  from attnlab.configs import build_experiment, parse_gin, write_run_configs
+  from attnlab.train.loop import check_workdir, train
+
+  parse_gin(gin_files, bindings, search_paths=args.gin_search_path)
+  cfg = build_experiment()
+  check_workdir(args.workdir, cfg, force=args.force)
+  write_run_configs(args.workdir, f"# attnlab {args.command} {' '.join(shlex.quote(a) for a in sys.argv[2:])}\n\n")
+  result = train(cfg, args.workdir, force=args.force)
+  last = result.history[-1] if result.history else {}
+  print(f"{result.status} at step {result.step}" + (f", loss {last['loss']:.4f}" if last else "") +
+        f"; workdir {os.path.abspath(args.workdir)}")
+  if result.eval and result.eval.get("heldout"):
+    print(result.eval["length_extrapolation_table"])
+  return 0
+
+
+def _eval(args, bindings: list[str]) -> int:
+  from attnlab.configs import build_experiment, parse_gin
+  from attnlab.eval.run import evaluate_workdir
+
+  files = args.gin_file or [os.path.join(args.workdir, "config.gin")]
+  parse_gin(files, bindings, search_paths=args.gin_search_path)
+  result = evaluate_workdir(build_experiment(), args.workdir)
+  print(result["length_extrapolation_table"])
+  for row in result.get("passkey", []):
+    print(f"passkey @ {row['seq_len']}: " + (f"accuracy {row['accuracy']:.3f}" if "accuracy" in row
+                                              else row["skipped"]))
+  print(f"wrote {os.path.join(args.workdir, 'eval.json')}")
+  return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="attnlab")
-  sub = parser.add_subparsers(dest="command", required=True)
-  demo = sub.add_parser("demo", help="train a tiny byte-level LM on the embedded corpus")
-  demo.add_argument("--steps", type=int, default=100)
-  args = parser.parse_args(argv)
-  if args.command == "demo":
-    _demo(args.steps)
-  return 0
+  argv = sys.argv[1:] if argv is None else argv
+  rest, bindings = _split_gin_flags(argv)
+  args = _parser().parse_args(rest)
+  bindings = args.gin_bindings + bindings
+  from attnlab.configs import ConfigError, gin_layer
+  from attnlab.train.loop import NonFiniteLossError
+
+  try:
+    if args.command == "eval":
+      return _eval(args, bindings)
+    files = args.gin_file
+    if args.command == "demo":
+      files = [os.path.join(gin_layer.REPO_ROOT, "experiments", "demo.gin"), *files]
+    if not files:
+      raise ConfigError("give at least one --gin_file")
+    return _train(args, bindings, files)
+  except (ConfigError, ValueError, NonFiniteLossError) as e:
+    print(f"attnlab {args.command}: error: {e}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

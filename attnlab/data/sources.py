@@ -1,0 +1,83 @@
+"""Text documents from the embedded corpus, local files (text/JSONL/parquet) or the Hugging Face hub.
+
+Local files are read with ``datasets`` in streaming mode (no Arrow cache is written, works fully offline; set
+``HF_DATASETS_OFFLINE=1`` to also skip any DNS lookup). Hub datasets (e.g. ``HuggingFaceFW/fineweb-edu``,
+``roneneldan/TinyStories``) are always streamed. Per-process sharding uses
+``datasets.distributed.split_dataset_by_node`` (file-level when the number of files divides the process count).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+from attnlab.data.corpus import embedded_documents
+
+_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+FILE_SOURCES = ("text", "json", "parquet")
+
+
+def check_files(paths: tuple[str, ...]) -> None:
+  if not paths:
+    raise ValueError("no dataset files given (DataConfig.paths is empty)")
+  for p in paths:
+    if not os.path.isfile(p):
+      raise ValueError(f"dataset file {p!r} does not exist")
+    if os.path.getsize(p) == 0:
+      raise ValueError(f"dataset file {p!r} is empty")
+
+
+def builder_for(source: str, paths: tuple[str, ...]) -> str:
+  if source in FILE_SOURCES:
+    return source
+  exts = {os.path.splitext(p)[1].lower() for p in paths}
+  builders = {_BUILDERS.get(e) for e in exts}
+  if len(builders) != 1 or None in builders:
+    raise ValueError(f"cannot infer the file format of {list(paths)}; set DataConfig.source to one of "
+                     f"{FILE_SOURCES}")
+  return builders.pop()
+
+
+def hf_documents(builder_or_name: str, *, data_files=None, config_name: str | None = None, split: str = "train",
+                 text_field: str = "text", process_index: int = 0, process_count: int = 1,
+                 shuffle_seed: int | None = None, shuffle_buffer: int = 1000) -> Iterator[str]:
+  """Streams the ``text_field`` of a ``datasets`` source: a packaged builder on local files or a hub name."""
+  import datasets
+
+  kwargs = {"data_files": list(data_files)} if data_files else {}
+  ds = datasets.load_dataset(builder_or_name, config_name, split=split, streaming=True, **kwargs)
+  if process_count > 1:
+    from datasets.distributed import split_dataset_by_node
+    ds = split_dataset_by_node(ds, rank=process_index, world_size=process_count)
+  if shuffle_seed is not None:
+    ds = ds.shuffle(seed=shuffle_seed, buffer_size=shuffle_buffer)
+  for ex in ds:
+    if text_field not in ex:
+      raise ValueError(f"field {text_field!r} not in the dataset's examples (fields: {sorted(ex)}); set "
+                       "DataConfig.text_field")
+    yield ex[text_field]
+
+
+def local_documents(source: str, paths: tuple[str, ...], text_field: str = "text") -> list[str]:
+  """Every document of local files, in file order (``text`` files: one document per line)."""
+  check_files(paths)
+  docs = [d for d in hf_documents(builder_for(source, paths), data_files=paths, text_field=text_field) if d]
+  if not docs:
+    raise ValueError(f"dataset files {list(paths)} hold no non-empty documents")
+  return docs
+
+
+def heldout(docs: list[str], split: str, every: int) -> list[str]:
+  """Deterministic held-out split by document index: every ``every``-th document is validation."""
+  held = split == "validation"
+  return [d for i, d in enumerate(docs) if (i % every == every // 2) == held]
+
+
+def finite_documents(source: str, split: str, *, paths=(), eval_paths=(), text_field="text",
+                     heldout_every=16) -> list[str]:
+  if source == "embedded":
+    return embedded_documents(split)
+  if split == "validation" and eval_paths:
+    return local_documents(source, tuple(eval_paths), text_field)
+  docs = local_documents(source, tuple(paths), text_field)
+  return docs if eval_paths else heldout(docs, split, heldout_every)

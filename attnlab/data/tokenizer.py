@@ -1,0 +1,88 @@
+"""Tokenizers: the default byte-level tokenizer and an optional Hugging Face ``tokenizers`` one.
+
+Byte-level ids: ``0..255`` are the UTF-8 bytes, ``256 = BOS``, ``257 = EOS``, ``258 = PAD`` (vocab 259, the
+``ModelConfig.vocab_size`` default).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Protocol
+
+import numpy as np
+
+BOS_ID, EOS_ID, PAD_ID = 256, 257, 258
+BYTE_VOCAB_SIZE = 259
+
+
+class Tokenizer(Protocol):
+  vocab_size: int
+  bos_id: int
+  eos_id: int
+  pad_id: int
+
+  def encode(self, text: str) -> np.ndarray: ...
+
+  def decode(self, ids) -> str: ...
+
+  def byte_lengths(self) -> np.ndarray:
+    """(vocab,) number of UTF-8 bytes each token stands for (0 for specials); used for bits-per-byte."""
+    ...
+
+
+class ByteTokenizer:
+  """UTF-8 bytes as tokens plus BOS/EOS/PAD."""
+
+  vocab_size = BYTE_VOCAB_SIZE
+  bos_id, eos_id, pad_id = BOS_ID, EOS_ID, PAD_ID
+
+  def encode(self, text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+
+  def decode(self, ids) -> str:
+    ids = np.asarray(ids)
+    return bytes(ids[ids < 256].astype(np.uint8).tolist()).decode("utf-8", errors="replace")
+
+  def byte_lengths(self) -> np.ndarray:
+    return (np.arange(self.vocab_size) < 256).astype(np.int32)
+
+
+class HFTokenizer:
+  """A Hugging Face ``tokenizers`` tokenizer from a local ``tokenizer.json``. BOS/EOS/PAD are looked up by the
+  given token strings; missing specials are appended after the tokenizer's vocabulary."""
+
+  def __init__(self, path: str, *, bos: str = "<s>", eos: str = "</s>", pad: str = "<pad>"):
+    if not os.path.isfile(path):
+      raise ValueError(f"tokenizer file {path!r} does not exist")
+    from tokenizers import Tokenizer as _Tok  # optional dependency (extra "hf")
+    self._tok = _Tok.from_file(path)
+    base = self._tok.get_vocab_size(with_added_tokens=True)
+    extra = 0
+    ids = []
+    for s in (bos, eos, pad):
+      i = self._tok.token_to_id(s)
+      if i is None:
+        i, extra = base + extra, extra + 1
+      ids.append(i)
+    self.bos_id, self.eos_id, self.pad_id = ids
+    self.vocab_size = base + extra
+
+  def encode(self, text: str) -> np.ndarray:
+    return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
+
+  def decode(self, ids) -> str:
+    specials = {self.bos_id, self.eos_id, self.pad_id}
+    return self._tok.decode([int(i) for i in ids if int(i) not in specials])
+
+  def byte_lengths(self) -> np.ndarray:
+    out = np.zeros(self.vocab_size, np.int32)
+    specials = {self.bos_id, self.eos_id, self.pad_id}
+    for i in range(self._tok.get_vocab_size(with_added_tokens=True)):
+      if i not in specials:
+        out[i] = len(self._tok.decode([i]).encode("utf-8"))
+    return out
+
+
+def make_tokenizer(spec: str = "byte") -> Tokenizer:
+  """``"byte"`` or the path of a local ``tokenizer.json``."""
+  return ByteTokenizer() if spec == "byte" else HFTokenizer(spec)

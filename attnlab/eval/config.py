@@ -1,0 +1,27 @@
+"""Typed, frozen configuration of evaluation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """Held-out perplexity / bits-per-byte, length extrapolation and passkey retrieval.
+
+  ``length_factors`` multiply the training ``seq_len`` (lengths beyond ``ModelConfig.max_seq_len`` are skipped
+  and reported). ``passkey_lengths`` are absolute context lengths; empty -> no passkey evaluation."""
+
+  num_batches: int = 8  # held-out batches per length (0 -> the whole held-out split at 1x)
+  batch_size: int | None = None  # None -> DataConfig.batch_size
+  length_factors: tuple[int, ...] = (1, 2, 4)
+  passkey_lengths: tuple[int, ...] = ()
+  passkey_examples: int = 16
+  passkey_digits: int = 5
+  in_training_batches: int = 2  # held-out batches for the eval every TrainConfig.eval_every steps
+
+  def __post_init__(self):
+    object.__setattr__(self, "length_factors", tuple(self.length_factors))
+    object.__setattr__(self, "passkey_lengths", tuple(self.passkey_lengths))
+    if any(f < 1 for f in self.length_factors):
+      raise ValueError(f"length_factors must be >= 1; got {self.length_factors}")

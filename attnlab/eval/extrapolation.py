@@ -1,0 +1,73 @@
+"""Length extrapolation: held-out metrics at 1x, 2x, 4x, ... the training length, as a table and a PNG plot."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+
+from attnlab.data.pipeline import ArrayIterator, make_dataset
+from attnlab.eval.lm_eval import evaluate_batches
+
+
+def heldout_batches(data_cfg, *, seq_len: int, batch_size: int, num_batches: int, tokenizer):
+  """Up to ``num_batches`` held-out batches (0 -> all), never repeating a row of a finite split."""
+  it = make_dataset(dataclasses.replace(data_cfg, batch_size=batch_size), split="validation", seq_len=seq_len,
+                    tokenizer=tokenizer)
+  if isinstance(it, ArrayIterator):
+    available = max(it.num_rows // batch_size, 1)
+    num_batches = available if num_batches == 0 else min(num_batches, available)
+  elif num_batches == 0:
+    raise ValueError("EvalConfig.num_batches must be positive for streaming or synthetic data")
+  return list(itertools.islice(it, num_batches))
+
+
+def length_extrapolation(exp_cfg, graphdef, params, rest, tokenizer) -> list[dict]:
+  """One row per factor: {factor, seq_len, loss, perplexity, bits_per_byte, ...} or {..., skipped: reason}."""
+  ecfg, dcfg = exp_cfg.eval, exp_cfg.data
+  rows = []
+  for f in ecfg.length_factors:
+    L = f * dcfg.seq_len
+    if L > exp_cfg.model.max_seq_len:
+      rows.append({"factor": f, "seq_len": L, "skipped": f"beyond ModelConfig.max_seq_len "
+                                                        f"{exp_cfg.model.max_seq_len}"})
+      continue
+    bs = max(1, (ecfg.batch_size or dcfg.batch_size) // f)  # constant tokens per batch
+    batches = heldout_batches(dcfg, seq_len=L, batch_size=bs, num_batches=ecfg.num_batches * f,
+                              tokenizer=tokenizer)
+    rows.append({"factor": f, "seq_len": L, **evaluate_batches(graphdef, params, rest, batches,
+                                                              tokenizer.byte_lengths())})
+  return rows
+
+
+def format_table(rows: list[dict]) -> str:
+  lines = ["| factor | seq_len | loss | perplexity | bits/byte |", "|---|---|---|---|---|"]
+  for r in rows:
+    if "skipped" in r:
+      lines.append(f"| {r['factor']}x | {r['seq_len']} | skipped: {r['skipped']} | | |")
+    else:
+      lines.append(f"| {r['factor']}x | {r['seq_len']} | {r['loss']:.4f} | {r['perplexity']:.3f} | "
+                   f"{r['bits_per_byte']:.4f} |")
+  return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str, title: str = "length extrapolation") -> str | None:
+  done = [r for r in rows if "skipped" not in r]
+  if not done:
+    return None
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  ax.plot([r["seq_len"] for r in done], [r["bits_per_byte"] for r in done], "o-")
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("evaluation length (tokens)")
+  ax.set_ylabel("held-out bits per byte")
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path

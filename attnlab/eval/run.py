@@ -1,0 +1,49 @@
+"""Full evaluation of a model state -> ``workdir/eval.json`` (+ ``length_extrapolation.png``)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from attnlab.data.tokenizer import make_tokenizer
+from attnlab.eval import extrapolation
+from attnlab.eval.passkey import passkey_accuracy
+
+
+def run_evaluation(exp_cfg, eval_graphdef, params, rest, workdir: str, *, step: int) -> dict:
+  """Held-out metrics at the training length, the length-extrapolation table and plot, and passkey accuracy."""
+  tokenizer = make_tokenizer(exp_cfg.data.tokenizer)
+  rows = extrapolation.length_extrapolation(exp_cfg, eval_graphdef, params, rest, tokenizer)
+  result = {"step": step, "heldout": next((r for r in rows if r.get("factor") == 1 and "skipped" not in r), None),
+            "length_extrapolation": rows, "length_extrapolation_table": extrapolation.format_table(rows)}
+  png = extrapolation.plot(rows, os.path.join(workdir, "length_extrapolation.png"))
+  if png:
+    result["length_extrapolation_plot"] = os.path.basename(png)
+  ecfg = exp_cfg.eval
+  if ecfg.passkey_lengths:
+    result["passkey"] = passkey_accuracy(eval_graphdef, params, rest, tokenizer, lengths=ecfg.passkey_lengths,
+                                         num_examples=ecfg.passkey_examples, digits=ecfg.passkey_digits,
+                                         max_seq_len=exp_cfg.model.max_seq_len,
+                                         batch_size=ecfg.batch_size or exp_cfg.data.batch_size)
+  path = os.path.join(workdir, "eval.json")
+  with open(path + ".tmp", "w") as f:
+    json.dump(result, f, indent=2)
+  os.replace(path + ".tmp", path)
+  return result
+
+
+def evaluate_workdir(exp_cfg, workdir: str) -> dict:
+  """Restores the newest checkpoint of ``workdir`` and runs :func:`run_evaluation`."""
+  from attnlab.train.loop import build_state
+  from attnlab.train.checkpoint import Checkpointer
+
+  _, eval_graphdef, state = build_state(exp_cfg)
+  ckpt = Checkpointer(workdir, keep=exp_cfg.train.keep_checkpoints)
+  try:
+    restored = ckpt.restore_latest(state)
+  finally:
+    ckpt.close()
+  if restored is None:
+    raise ValueError(f"no checkpoint in {workdir!r} to evaluate")
+  step, state, _, _ = restored
+  return run_evaluation(exp_cfg, eval_graphdef, state["params"], state["rest"], workdir, step=step)

@@ -1,0 +1,29 @@
+"""The whole run's configuration: model, data, optimizer, training and evaluation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from attnlab.data.pipeline import DataConfig
+from attnlab.eval.config import EvalConfig
+from attnlab.model.config import ModelConfig
+from attnlab.train.config import OptimizerConfig, TrainConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  """Everything a run needs; the workdir stores it and refuses to resume under a different one."""
+
+  model: ModelConfig = ModelConfig()
+  data: DataConfig = DataConfig()
+  optimizer: OptimizerConfig = OptimizerConfig()
+  train: TrainConfig = TrainConfig()
+  eval: EvalConfig = EvalConfig()
+
+  def __post_init__(self):
+    if self.data.seq_len > self.model.max_seq_len:
+      raise ValueError(f"DataConfig.seq_len ({self.data.seq_len}) exceeds ModelConfig.max_seq_len "
+                       f"({self.model.max_seq_len})")
+    if self.data.batch_size % self.train.grad_accum:
+      raise ValueError(f"DataConfig.batch_size ({self.data.batch_size}) is not divisible by TrainConfig.grad_accum "
+                       f"({self.train.grad_accum})")

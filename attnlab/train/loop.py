@@ -1,0 +1,189 @@
+"""The training loop: resume, train, log, checkpoint, stop cleanly (SIGTERM/SIGINT, NaN), evaluate.
+
+Host/device overlap: step ``s + 1`` is dispatched before the metrics of step ``s`` are fetched, so the host never
+waits for the device except at checkpoints (whose step must be known finite first) and evaluations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import threading
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from attnlab.data.pipeline import make_dataset
+from attnlab.data.tokenizer import make_tokenizer
+from attnlab.eval.extrapolation import heldout_batches
+from attnlab.eval.lm_eval import evaluate_batches
+from attnlab.eval.run import run_evaluation
+from attnlab.model.lm import DecoderLM
+from attnlab.train.checkpoint import Checkpointer
+from attnlab.train.experiment import ExperimentConfig
+from attnlab.train.metrics import MetricsWriter, matmul_flops_per_token, measure_matmul_peak
+from attnlab.train.step import MODEL_INPUTS, init_state, train_step_fn
+
+RUN_CONFIG = "run_config.txt"
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss became NaN/inf; the run stopped without checkpointing that state."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+  step: int  # completed optimizer steps
+  status: str  # "finished" | "interrupted"
+  history: list[dict]  # per-step {"step", "loss", ...} of this invocation
+  eval: dict | None = None
+
+
+def build_state(cfg: ExperimentConfig):
+  """(train graphdef, eval graphdef, initial train state) for ``cfg``."""
+  model = DecoderLM(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
+  return init_state(model, cfg.optimizer, cfg.train.steps)
+
+
+def check_workdir(workdir: str, cfg: ExperimentConfig, *, force: bool = False) -> None:
+  """Refuses a workdir that holds a run of a different configuration (unless ``force``); records ``cfg``."""
+  os.makedirs(workdir, exist_ok=True)
+  path, text = os.path.join(workdir, RUN_CONFIG), repr(cfg) + "\n"
+  if os.path.exists(path) and not force:
+    with open(path) as f:
+      old = f.read()
+    if old != text:
+      raise ValueError(f"workdir {workdir!r} holds a run of a different configuration (see {path}); use a new "
+                       "workdir or --force to overwrite the record and resume from its checkpoint anyway")
+  with open(path, "w") as f:
+    f.write(text)
+
+
+class _StopFlag:
+  """Set by SIGTERM/SIGINT; the loop checks it between steps, saves and returns."""
+
+  def __init__(self):
+    self.signal: int | None = None
+    self._old = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for s in (signal.SIGTERM, signal.SIGINT):
+        self._old[s] = signal.signal(s, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.signal = signum
+
+  def __exit__(self, *exc):
+    for s, h in self._old.items():
+      signal.signal(s, h)
+
+
+def _device_batch(batch: dict, keys=MODEL_INPUTS + ("targets", "loss_mask")) -> dict:
+  return jax.device_put({k: batch[k] for k in keys})
+
+
+def train(cfg: ExperimentConfig, workdir: str, *, force: bool = False, process_index: int | None = None,
+          process_count: int | None = None) -> TrainResult:
+  """Trains ``cfg`` in ``workdir``, resuming from its newest readable checkpoint. Raises
+  :class:`NonFiniteLossError` on a NaN/inf loss (naming the step) without checkpointing it."""
+  tc = cfg.train
+  check_workdir(workdir, cfg, force=force)
+  pi = jax.process_index() if process_index is None else process_index
+  pc = jax.process_count() if process_count is None else process_count
+  graphdef, eval_graphdef, state = build_state(cfg)
+  step_fn = train_step_fn(graphdef, cfg.optimizer, tc.steps, tc.z_loss, tc.grad_accum)
+  data = make_dataset(cfg.data, split="train", process_index=pi, process_count=pc)
+  tokenizer = make_tokenizer(cfg.data.tokenizer)
+
+  ckpt = Checkpointer(workdir, keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
+  restored = ckpt.restore_latest(state)
+  start = 0
+  if restored is not None:
+    start, state, data_state, _ = restored
+    data.set_state(data_state)
+  writer = MetricsWriter(workdir)
+  flops_per_token = matmul_flops_per_token(state["params"], cfg.model, cfg.data.seq_len)
+  peak = tc.peak_flops or measure_matmul_peak()
+  eval_batches = None
+  if tc.eval_every:
+    eval_batches = heldout_batches(cfg.data, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
+                                   num_batches=cfg.eval.in_training_batches, tokenizer=tokenizer)
+
+  history: list[dict] = []
+  last_saved = start if restored is not None else None
+  clock = {"t": time.perf_counter(), "tokens": 0.0}
+  bar = tqdm(total=tc.steps, initial=start, disable=not tc.progress, dynamic_ncols=True, mininterval=1.0,
+             desc="train")
+
+  def finish_step(step: int, metrics) -> None:
+    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not np.isfinite(m["loss"]):
+      where = f"step {last_saved}" if last_saved is not None else "none"
+      raise NonFiniteLossError(f"non-finite loss ({m['loss']}) at step {step}; stopped without saving this "
+                               f"state (last checkpoint: {where})")
+    history.append({"step": step, **m})
+    clock["tokens"] += m.pop("tokens") * pc
+    bar.update(1)
+    if step % tc.log_every == 0 or step == tc.steps:
+      now = time.perf_counter()
+      tok_s = clock["tokens"] / max(now - clock["t"], 1e-9)
+      clock.update(t=now, tokens=0.0)
+      m.update(tokens_per_s=tok_s, mfu=tok_s * flops_per_token / peak)
+      writer.write(step, m)
+      bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
+
+  def save(step: int) -> None:
+    nonlocal last_saved
+    ckpt.save(step, state, data.get_state(), {"step": step})
+    last_saved = step
+
+  status, pending, step = "finished", None, start
+  try:
+    with _StopFlag() as stop:
+      for step in range(start, tc.steps):
+        if stop.signal is not None:
+          status = "interrupted"
+          break
+        state, metrics = step_fn(state, _device_batch(next(data)))
+        if pending is not None:
+          finish_step(*pending)
+        pending = (step + 1, metrics)
+        done = step + 1
+        if done % tc.checkpoint_every == 0 or done == tc.steps:
+          finish_step(*pending)
+          pending = None
+          save(done)
+        if tc.eval_every and done % tc.eval_every == 0:
+          if pending is not None:
+            finish_step(*pending)
+            pending = None
+          res = evaluate_batches(eval_graphdef, state["params"], state["rest"], eval_batches,
+                                 tokenizer.byte_lengths())
+          writer.write(done, {f"eval/{k}": v for k, v in res.items() if k in ("loss", "bits_per_byte")})
+        step = done
+      if pending is not None:
+        finish_step(*pending)
+        pending = None
+      if status == "interrupted" or step != last_saved:
+        save(step)
+      if status == "interrupted":
+        bar.write(f"received signal {stop.signal}: saved a checkpoint at step {step} and stopped")
+  finally:
+    bar.close()
+    ckpt.close()
+    writer.close()
+
+  result = TrainResult(step=step, status=status, history=history)
+  if status == "finished" and tc.eval_at_end:
+    result.eval = run_evaluation(cfg, eval_graphdef, state["params"], state["rest"], workdir, step=step)
+  return result
+
+
+__all__ = ["NonFiniteLossError", "TrainResult", "build_state", "check_workdir", "train"]

@@ -1,0 +1,71 @@
+"""Run logging: ``metrics.jsonl``, TensorBoard events and the FLOP count behind the MFU estimate.
+
+TensorBoard events are written with ``tensorboardX``: maintained, pure Python, no TensorFlow dependency
+(``flax.metrics.tensorboard`` and ``clu`` import TensorFlow, a >1 GB install for a summary writer).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+def matmul_flops_per_token(params, model_cfg, seq_len: int) -> float:
+  """Training FLOPs per token: 6·N (N = parameters used in matmuls: every matrix but the input embedding table,
+  which is a lookup, unless tied) + 12·L·H·Dh·T for the attention scores and mixing (PaLM appendix B, full T)."""
+  n = 0
+  for path, x in jax.tree_util.tree_leaves_with_path(params):
+    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    if x.ndim >= 2 and ("embed" not in names or model_cfg.tie_embeddings):
+      n += x.size
+  attn = 0
+  for layer in range(model_cfg.num_layers):
+    a = model_cfg.layer_attention(layer)
+    attn += 12 * a.num_heads * a.resolved_head_dim(model_cfg.d_model) * seq_len
+  return 6.0 * n + attn
+
+
+def measure_matmul_peak(n: int = 1024, repeats: int = 5) -> float:
+  """Best-of-``repeats`` f32 FLOP/s of an n×n matmul on the default device."""
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n ** 3 / best
+
+
+class MetricsWriter:
+  """Appends one JSON object per log step to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
+
+  def __init__(self, workdir: str, *, tensorboard: bool = True):
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    self._tb = None
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: dict) -> None:
+    row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+    self._jsonl.write(json.dumps(row) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for k, v in metrics.items():
+        self._tb.add_scalar(k, float(v), step)
+
+  def write_text(self, tag: str, text: str, step: int = 0) -> None:
+    if self._tb is not None:
+      self._tb.add_text(tag, text, step)
+
+  def close(self) -> None:
+    self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()

@@ -1,0 +1,95 @@
+"""The jitted train step (NNX split/merge + ``jax.jit`` with the state donated).
+
+The train state is a dict of pytrees: ``params`` (the ``nnx.Param`` state, float32 master weights), ``rest``
+(every other NNX variable: buffers the forward mutates, e.g. k-means EMAs, and RNG streams), ``opt_state`` and
+``step``. The forward runs on ``nnx.merge(graphdef, params, rest)`` in train mode; the ``rest`` it leaves behind
+is carried to the next step. Loss = mean masked CE + z-loss + the model's ``aux["aux_loss"]``. With
+``grad_accum = A`` the batch is split into A micro-batches scanned in order; gradients are summed with the
+token-count normalisation of the full batch, so A micro-batches equal one big batch up to float rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from attnlab.train.config import OptimizerConfig
+from attnlab.train.loss import token_losses
+from attnlab.train.optimizer import make_optimizer
+
+MODEL_INPUTS = ("inputs", "positions", "segment_ids")
+
+
+def split_model(model: nnx.Module):
+  """(graphdef, params, rest) of a model in its current (train/eval) mode."""
+  return nnx.split(model, nnx.Param, ...)
+
+
+def forward(graphdef, params, rest, batch, *, return_aux=True):
+  """Runs the model on a batch; returns (logits, aux, rest after the forward)."""
+  model = nnx.merge(graphdef, params, rest)
+  logits, aux = model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"],
+                      return_aux=return_aux)
+  _, _, new_rest = split_model(model)
+  return logits, aux, new_rest
+
+
+def _micro_loss(params, rest, batch, *, graphdef, z_loss, num_tokens, num_micro):
+  logits, aux, new_rest = forward(graphdef, params, rest, batch)
+  ce, z = token_losses(logits, batch["targets"], z_loss)
+  mask = batch["loss_mask"]
+  ce_sum, z_sum = jnp.sum(ce * mask), jnp.sum(z * mask)
+  aux_loss = aux["aux_loss"].astype(jnp.float32)
+  loss = (ce_sum + z_sum) / num_tokens + aux_loss / num_micro
+  return loss, (new_rest, {"ce_sum": ce_sum, "z_sum": z_sum, "aux_loss": aux_loss / num_micro})
+
+
+@functools.lru_cache(maxsize=16)
+def train_step_fn(graphdef, opt_cfg: OptimizerConfig, total_steps: int, z_loss: float, grad_accum: int):
+  """The jitted ``step(state, batch) -> (state, metrics)``; cached so equal configs share one compilation."""
+  tx, schedule = make_optimizer(opt_cfg, total_steps)
+
+  def step(state, batch):
+    params, rest = state["params"], state["rest"]
+    num_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+    grad_fn = jax.value_and_grad(
+        functools.partial(_micro_loss, graphdef=graphdef, z_loss=z_loss, num_tokens=num_tokens,
+                          num_micro=grad_accum), has_aux=True)
+    if grad_accum == 1:
+      (loss, (rest, parts)), grads = grad_fn(params, rest, batch)
+    else:
+      micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
+
+      def body(carry, mb):
+        rest, g_acc, l_acc, p_acc = carry
+        (l, (rest, p)), g = grad_fn(params, rest, mb)
+        return (rest, jax.tree.map(jnp.add, g_acc, g), l_acc + l, jax.tree.map(jnp.add, p_acc, p)), None
+
+      zeros = {"ce_sum": 0.0, "z_sum": 0.0, "aux_loss": 0.0}
+      zeros = jax.tree.map(lambda x: jnp.zeros((), jnp.float32), zeros)
+      init = (rest, jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32), zeros)
+      (rest, grads, loss, parts), _ = jax.lax.scan(body, init, micro)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    params = optax.apply_updates(params, updates)
+    metrics = {"loss": loss, "ce": parts["ce_sum"] / num_tokens, "z_loss": parts["z_sum"] / num_tokens,
+               "aux_loss": parts["aux_loss"], "grad_norm": grad_norm, "lr": schedule(state["step"]),
+               "tokens": num_tokens}
+    return {"params": params, "rest": rest, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+  return jax.jit(step, donate_argnums=0)
+
+
+def init_state(model: nnx.Module, opt_cfg: OptimizerConfig, total_steps: int):
+  """(train graphdef, eval graphdef, initial train state) of a freshly built model."""
+  model.eval()
+  eval_graphdef, _, _ = split_model(model)
+  model.train()
+  graphdef, params, rest = split_model(model)
+  tx, _ = make_optimizer(opt_cfg, total_steps)
+  state = {"params": params, "rest": rest, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+  return graphdef, eval_graphdef, state

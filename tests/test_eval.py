@@ -1,0 +1,54 @@
+"""Evaluation: bits-per-byte arithmetic, length extrapolation table/plot, passkey rows, eval.json."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from attnlab.configs import build_experiment, parse_gin
+from attnlab.data.tokenizer import ByteTokenizer
+from attnlab.eval.extrapolation import format_table, heldout_batches
+from attnlab.eval.lm_eval import evaluate_batches
+from attnlab.eval.run import run_evaluation
+from attnlab.train.loop import build_state
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def setup():
+  parse_gin([os.path.join(ROOT, "experiments/smoke_tiny.gin")], ["EvalConfig.length_factors = (1, 2, 8)"])
+  cfg = build_experiment()
+  _, eval_graphdef, state = build_state(cfg)
+  return cfg, eval_graphdef, state
+
+
+def test_bits_per_byte_matches_loss_for_bytes(setup):
+  cfg, g, state = setup
+  tok = ByteTokenizer()
+  batches = heldout_batches(cfg.data, seq_len=32, batch_size=2, num_batches=2, tokenizer=tok)
+  out = evaluate_batches(g, state["params"], state["rest"], batches, tok.byte_lengths())
+  mask = sum(b["loss_mask"].sum() for b in batches)
+  eos = sum(((b["targets"] == tok.eos_id) * b["loss_mask"]).sum() for b in batches)
+  assert out["tokens"] == mask
+  # bpb = nll / (ln2 · bytes); bytes = predicted tokens minus EOS targets
+  assert out["bits_per_byte"] == pytest.approx(out["loss"] * mask / (math.log(2) * (mask - eos)), rel=1e-5)
+  assert out["perplexity"] == pytest.approx(math.exp(out["loss"]), rel=1e-6)
+  assert 0 <= out["accuracy"] <= 1
+  # an untrained model is near uniform over 259 tokens
+  assert abs(out["loss"] - math.log(259)) < 0.5
+
+
+def test_run_evaluation_writes_eval_json_and_plot(setup, tmp_path):
+  cfg, g, state = setup
+  res = run_evaluation(cfg, g, state["params"], state["rest"], str(tmp_path), step=0)
+  on_disk = json.loads((tmp_path / "eval.json").read_text())
+  assert on_disk["step"] == 0 and (tmp_path / "length_extrapolation.png").stat().st_size > 0
+  rows = on_disk["length_extrapolation"]
+  assert [r["seq_len"] for r in rows] == [32, 64, 256]
+  assert "skipped" in rows[2] and "max_seq_len" in rows[2]["skipped"]  # 8x > max_seq_len 128
+  assert np.isfinite(rows[1]["bits_per_byte"])
+  assert on_disk["passkey"][0]["seq_len"] == 128 and 0 <= on_disk["passkey"][0]["accuracy"] <= 1
+  assert "skipped" in format_table(rows) and res["heldout"]["seq_len"] == 32
