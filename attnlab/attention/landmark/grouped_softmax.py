@@ -18,8 +18,8 @@ landmark before the query this is causal softmax attention over its block. This 
 random-offset landmark layouts (see shared/research/variants.md §1).
 
 Vectorised with O(q·K) work and memory, like dense attention: one logsumexp over the outer candidates, an
-in-block logsumexp per past block computed with a segmented ``associative_scan`` along the keys (restarted after
-every landmark, so blocks may have any length and any offset), and one gather at each key's closing landmark.
+in-block logsumexp per block computed with segment max/sum over the key axis (segments = blocks, so blocks may
+have any length and any offset), and one gather at each key's closing landmark (its gate logit).
 Every intermediate stays finite (masked logits are ``NEG``, not ``-inf``) so gradients never meet ``0 * inf``.
 """
 
@@ -33,15 +33,19 @@ import jax.numpy as jnp
 NEG = -1e30  # finite "minus infinity" for masked logits
 
 
-def _segmented_logsumexp(x: jax.Array, starts: jax.Array) -> jax.Array:
-  """Inclusive running logsumexp of ``x`` along the last axis, restarted wherever ``starts`` is True."""
+def _block_logsumexp(x: jax.Array, blk: jax.Array) -> jax.Array:
+  """``lse_{j' : blk(j') = blk(j)} x_ij'`` for every key j: x (b, h, q, K), blk (b, K) non-decreasing block ids.
 
-  def combine(a, b):
-    fa, va = a
-    fb, vb = b
-    return fa | fb, jnp.where(fb, vb, jnp.logaddexp(va, vb))
-
-  return jax.lax.associative_scan(combine, (starts, x), axis=-1)[1]
+  Segment ops over the key axis (batch rows get disjoint segment ids), stabilised by the per-block maximum, so
+  a block far below the row maximum keeps full relative precision.
+  """
+  b, h, q, kv = x.shape
+  ids = (blk + kv * jnp.arange(b)[:, None]).reshape(-1)
+  xt = x.transpose(0, 3, 1, 2).reshape(b * kv, h, q)
+  seg = dict(num_segments=b * kv, indices_are_sorted=True)
+  mx = jax.lax.stop_gradient(jax.ops.segment_max(xt, ids, **seg))[ids]
+  lse = jnp.log(jax.ops.segment_sum(jnp.exp(xt - mx), ids, **seg))[ids] + mx
+  return lse.reshape(b, kv, h, q).transpose(0, 2, 3, 1)
 
 
 def block_ids(is_landmark: jax.Array) -> jax.Array:
@@ -62,8 +66,9 @@ def grouped_softmax_weights(s: jax.Array, key_is_landmark: jax.Array, query_inde
     visible: optional bool mask broadcastable to ``s`` (segments, empty cache slots); ANDed with causality.
 
   Returns:
-    (batch, heads, q_len, kv_len) weights in ``s.dtype``; landmark columns are 0; rows sum to 1 unless the
-    query has no candidate (a landmark opening the sequence), which gives a zero row.
+    (batch, heads, q_len, kv_len) weights in ``s.dtype``; landmark columns are 0; rows sum to 1, except that
+    the gate mass of a past block without ordinary tokens (two landmarks in a row) is lost, as in the reference,
+    and a query without candidates (a landmark opening the sequence) gets a zero row.
   """
   if s.ndim != 4:
     raise ValueError(f"logits must be (batch, heads, q_len, kv_len); got shape {tuple(s.shape)}")
@@ -87,15 +92,13 @@ def grouped_softmax_weights(s: jax.Array, key_is_landmark: jax.Array, query_inde
   gate = earlier & mem
   log_z = jax.nn.logsumexp(jnp.where(current | gate, s, NEG), axis=-1, keepdims=True)
 
-  # In-block logsumexp of past blocks: the running value at a block's landmark is the block total.
   past = earlier & ~mem
-  starts = jnp.concatenate([jnp.ones((b, 1), bool), key_is_landmark[:, :-1]], axis=-1)
-  lse_run = _segmented_logsumexp(jnp.where(past, s, NEG), jnp.broadcast_to(starts[:, None, None, :], s.shape))
+  lse_blk = _block_logsumexp(jnp.where(past, s, NEG), blk)
   closing = jnp.where(key_is_landmark, jnp.arange(kv_len), kv_len)
   closing = jnp.minimum(jax.lax.cummin(closing, axis=1, reverse=True), kv_len - 1)
   at_closing = lambda x: jnp.take_along_axis(x, jnp.broadcast_to(closing[:, None, None, :], s.shape), axis=-1)
   past = past & at_closing(gate)
-  past_logit = s - at_closing(lse_run) + at_closing(s) - log_z
+  past_logit = s - lse_blk + at_closing(s) - log_z
   return jnp.exp(jnp.where(current, s - log_z, jnp.where(past, past_logit, NEG)))
 
 

@@ -104,14 +104,15 @@ class LandmarkRunner:
     return logits[:, ~is_lm]
 
   def generate(self, prompt, max_new_tokens: int) -> np.ndarray:
-    """Greedy continuation (batch, max_new_tokens) of plain-token prompts (batch, n), landmarks handled here."""
+    """Greedy continuation (batch, max_new_tokens) of plain-token prompts (batch, n); landmarks are inserted
+    here and never generated."""
     prompt = np.asarray(prompt)
     stream, is_lm = insert_landmarks(prompt, self.landmark_id, self.block_size)
     logits, state = self._feed_stream(self.init(prompt.shape[0]), stream)
     last = logits[:, np.flatnonzero(~is_lm)[-1]]
     out = []
     for _ in range(max_new_tokens):
-      tok = np.asarray(jnp.argmax(last, axis=-1)).astype(np.int32)[:, None]
+      tok = np.asarray(jnp.argmax(last.at[:, self.landmark_id].set(-jnp.inf), axis=-1)).astype(np.int32)[:, None]
       out.append(tok)
       logits, state = self.feed(state, tok)
       last = logits[:, -1]
