@@ -2,3 +2,4 @@
 
 from attnlab.attention.variants import dot_product  # noqa: F401
 from attnlab.attention.variants import landmark  # noqa: F401
+from attnlab.attention.variants import meta_tokens  # noqa: F401
