@@ -8,6 +8,8 @@ Every attention module has the same constructor and call signature::
 ``x``/``y`` are (batch, seq, d_model); ``positions``/``segment_ids`` are (batch, seq) ints; ``aux`` is a dict that
 may hold ``"aux_loss"`` (a scalar added to the LM loss) and, when ``return_internals``, analysis tensors
 (``"weights"`` (batch, heads, q, k), ``"sink_mass"`` (batch, heads, q), ``"queries"``, ``"keys"``, ``"values"``).
+A module whose class sets ``needs_tokens = True`` (landmark, meta tokens) is also called with ``tokens=`` the
+(batch, seq) input ids by :class:`attnlab.model.lm.Block`.
 Adding a variant = one new file (config subclass + module decorated with ``register_attention``) + one import
 line in :mod:`attnlab.attention.variants`.
 """

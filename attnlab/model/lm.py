@@ -25,9 +25,11 @@ class Block(nnx.Module):
     self.mlp_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, rngs=rngs, dtype=dtype)
     self.mlp = MLP(cfg.d_model, cfg.resolved_mlp_dim, cfg.mlp_activation, init=cfg.init, rngs=rngs, dtype=dtype)
 
-  def __call__(self, h, *, positions, segment_ids, return_internals):
+  def __call__(self, h, *, tokens, positions, segment_ids, return_internals):
+    # Token-aware attention (landmark, meta tokens) declares ``needs_tokens`` and receives the input ids.
+    extra = {"tokens": tokens} if getattr(self.attn, "needs_tokens", False) else {}
     a, aux = self.attn(self.attn_norm(h), positions=positions, segment_ids=segment_ids,
-                       return_internals=return_internals)
+                       return_internals=return_internals, **extra)
     h = h + a
     return h + self.mlp(self.mlp_norm(h)), aux
 
@@ -60,7 +62,7 @@ class DecoderLM(nnx.Module):
     aux_loss = jnp.zeros((), jnp.float32)
     hidden, layers = [h], []
     for block in self.blocks:
-      h, aux = block(h, positions=positions, segment_ids=segment_ids, return_internals=return_internals)
+      h, aux = block(h, tokens=tokens, positions=positions, segment_ids=segment_ids, return_internals=return_internals)
       aux_loss = aux_loss + aux.pop("aux_loss", 0.0)
       if return_internals:
         hidden.append(h)

@@ -1,0 +1,112 @@
+"""Landmark attention layer (Mohtashami & Jaggi 2023, "Landmark Attention: Random-Access Infinite Context Length
+for Transformers", NeurIPS 2023).
+
+Training: the input stream carries a landmark token (``landmark_id``) after every ``block_size - 1`` tokens
+(:mod:`attnlab.data.landmark`); the layer finds them in ``tokens`` and applies the grouped softmax
+(:func:`attnlab.attention.landmark.landmark_attention`): each query attends to its own block's tokens and to the
+landmarks of past blocks, and a past block's tokens get ``P(landmark) × in-block softmax``. Any landmark layout
+works (random window offsets), and without landmarks it is causal softmax attention.
+
+Inference: :meth:`LandmarkAttention.retrieval_step` processes a chunk with a cache of complete blocks and top-k
+retrieval (:func:`attnlab.attention.landmark.retrieval_attention`); the LM-level driver is
+:class:`attnlab.attention.landmark.runner.LandmarkRunner`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from attnlab.attention.config import AttentionConfig
+from attnlab.attention.landmark.grouped_softmax import landmark_attention
+from attnlab.attention.landmark.retrieval import SELECTIONS, LandmarkCache, init_cache, retrieval_attention
+from attnlab.attention.registry import register_attention
+from attnlab.attention.variants.dot_product import OutputGate, QKVProjection
+from attnlab.layers import apply_rope, kernel_init
+
+
+@dataclasses.dataclass(frozen=True)
+class LandmarkConfig(AttentionConfig):
+  """Landmark attention. ``block_size`` counts the landmark (paper: 50 tokens + 1 landmark = 51).
+
+  ``landmark_id`` must be a valid token id of the LM (e.g. 259 with ``ModelConfig.vocab_size = 260`` for the
+  byte vocabulary). ``top_k``, ``cache_blocks`` (cache size limit, in blocks) and ``selection`` are the
+  inference defaults (reference: ``cache_topk``, ``mem_cache_size``, ``cache_selection_method``).
+  """
+
+  block_size: int = 51
+  landmark_id: int = 259
+  top_k: int = 4
+  cache_blocks: int = 64
+  selection: str = "per_token_and_head"
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.score != "softmax":
+      raise ValueError(f"landmark attention is a (grouped) softmax; score must be 'softmax', got {self.score!r}")
+    if self.sink_logit or self.has_sink_slot or not self.causal:
+      raise ValueError("landmark attention supports neither sink logits/slots nor non-causal attention")
+    if self.block_size < 2:
+      raise ValueError(f"block_size (landmark included) must be >= 2; got {self.block_size}")
+    if not 1 <= self.top_k <= self.cache_blocks:
+      raise ValueError(f"need 1 <= top_k <= cache_blocks; got top_k={self.top_k}, cache_blocks={self.cache_blocks}")
+    if self.selection not in SELECTIONS:
+      raise ValueError(f"selection must be one of {SELECTIONS}; got {self.selection!r}")
+
+
+class LandmarkAttention(nnx.Module):
+  needs_tokens = True  # attnlab.model.lm.Block passes the input ids (landmarks are found by id)
+
+  def __init__(self, cfg: LandmarkConfig, d_model: int, *, rngs: nnx.Rngs, init: str = "gpt", dtype=jnp.float32):
+    self.cfg = cfg
+    # RoPE is applied here, not in the projection: inference caches keys before RoPE.
+    self.qkv = QKVProjection(dataclasses.replace(cfg, rope=False), d_model, init=init, rngs=rngs, dtype=dtype)
+    self.head_dim = hd = self.qkv.head_dim
+    self.o = nnx.Linear(cfg.num_heads * hd, d_model, use_bias=cfg.use_bias, kernel_init=kernel_init(init),
+                        dtype=dtype, rngs=rngs)
+    self.gate = OutputGate(cfg.gate, d_model, cfg.num_heads, hd, init=init, rngs=rngs, dtype=dtype) if cfg.gate \
+        else None
+
+  def _out(self, x, o):
+    if self.gate is not None:
+      o = self.gate(x, o)
+    return self.o(o.reshape(o.shape[0], o.shape[1], -1))
+
+  def __call__(self, x, *, positions, segment_ids=None, return_internals=False, tokens=None):
+    if tokens is None:
+      raise ValueError("LandmarkAttention needs the input token ids (tokens=...) to find the landmarks")
+    if tokens.shape != x.shape[:2]:
+      raise ValueError(f"tokens must be (batch, seq) = {x.shape[:2]}; got {tuple(tokens.shape)}")
+    cfg = self.cfg
+    q, k, v = self.qkv(x, positions)
+    if cfg.rope:
+      q, k = apply_rope(q, positions, cfg.rope_base), apply_rope(k, positions, cfg.rope_base)
+    is_landmark = tokens == cfg.landmark_id
+    o, w = landmark_attention(q, k, v, is_landmark, segment_ids=segment_ids, return_weights=True)
+    y = self._out(x, o)
+    aux = {}
+    if return_internals:
+      aux = dict(weights=w, sink_mass=jnp.zeros(w.shape[:-1], w.dtype), queries=q, keys=k, values=v,
+                 is_landmark=is_landmark)
+    return y, aux
+
+  def init_cache(self, batch: int, cache_blocks: int | None = None) -> LandmarkCache:
+    cfg = self.cfg
+    return init_cache(batch, cache_blocks or cfg.cache_blocks, cfg.block_size, cfg.kv_heads, self.head_dim)
+
+  def retrieval_step(self, x: jax.Array, cache: LandmarkCache, start: jax.Array, *, top_k: int | None = None,
+                     selection: str | None = None) -> tuple[jax.Array, LandmarkCache]:
+    """Attention output for a chunk ``x`` (batch, T, d_model) starting at stream position ``start`` (landmarks
+    at positions ``p % block_size == block_size - 1``), with top-k retrieval from ``cache``."""
+    cfg = self.cfg
+    q, k, v = self.qkv(x, None)
+    o, cache = retrieval_attention(q, k, v, cache, start, top_k=top_k or cfg.top_k,
+                                   selection=selection or cfg.selection,
+                                   rope_base=cfg.rope_base if cfg.rope else None)
+    return self._out(x, o), cache
+
+
+register_attention("landmark", LandmarkConfig)(LandmarkAttention)

@@ -1,0 +1,80 @@
+"""Meta-token attention layer (Shah et al. 2025, "Language Modeling with Learned Meta-Tokens").
+
+RECONSTRUCTION (no public code; shared/research/variants.md §2): causal multi-head attention plus a separate
+meta-attention path with its own projections, summed::
+
+    y = CausalMHA(x) + W_o^meta · MetaAttn(x)          MetaAttn: see :mod:`attnlab.attention.meta_tokens`
+
+Meta tokens are found in the input ids (``meta_ids``); the data side injects them at random positions and
+excludes them from the loss (:mod:`attnlab.data.meta_tokens`). The causal path is the standard
+:class:`DotProductAttention` (all its options apply); ``meta_rope=False`` drops RoPE on the meta path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+from flax import nnx
+
+from attnlab.attention.config import AttentionConfig
+from attnlab.attention.core import attention_weights
+from attnlab.attention.meta_tokens import MODES, meta_attention, meta_attention_mask
+from attnlab.attention.registry import register_attention
+from attnlab.attention.variants.dot_product import DotProductAttention, QKVProjection
+from attnlab.layers import kernel_init
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaTokenConfig(AttentionConfig):
+  """Causal attention + meta-attention. ``meta_ids`` must be valid token ids of the LM (e.g. 259 with
+  ``ModelConfig.vocab_size = 260``); ``meta_mode`` is "meta_only" (meta↔meta) or "all" (every query → meta
+  keys); ``meta_capacity`` bounds the meta tokens per sequence seen by the meta path (None: no bound)."""
+
+  meta_ids: tuple[int, ...] = (259,)
+  meta_mode: str = "meta_only"
+  meta_capacity: int | None = None
+  meta_rope: bool = True
+
+  def __post_init__(self):
+    super().__post_init__()
+    object.__setattr__(self, "meta_ids", tuple(int(i) for i in self.meta_ids))
+    if not self.meta_ids:
+      raise ValueError("meta_ids must name at least one token id")
+    if self.meta_mode not in MODES:
+      raise ValueError(f"meta_mode must be one of {MODES}; got {self.meta_mode!r}")
+    if self.meta_capacity is not None and self.meta_capacity < 1:
+      raise ValueError(f"meta_capacity must be positive or None; got {self.meta_capacity}")
+
+
+class MetaTokenAttention(nnx.Module):
+  needs_tokens = True  # attnlab.model.lm.Block passes the input ids (meta tokens are found by id)
+
+  def __init__(self, cfg: MetaTokenConfig, d_model: int, *, rngs: nnx.Rngs, init: str = "gpt", dtype=jnp.float32):
+    self.cfg = cfg
+    self.causal = DotProductAttention(cfg, d_model, rngs=rngs, init=init, dtype=dtype)
+    self.meta_qkv = QKVProjection(dataclasses.replace(cfg, rope=cfg.rope and cfg.meta_rope), d_model, init=init,
+                                  rngs=rngs, dtype=dtype)
+    self.meta_o = nnx.Linear(cfg.num_heads * self.meta_qkv.head_dim, d_model, use_bias=cfg.use_bias,
+                             kernel_init=kernel_init(init), dtype=dtype, rngs=rngs)
+
+  def __call__(self, x, *, positions, segment_ids=None, return_internals=False, tokens=None):
+    if tokens is None:
+      raise ValueError("MetaTokenAttention needs the input token ids (tokens=...) to find the meta tokens")
+    if tokens.shape != x.shape[:2]:
+      raise ValueError(f"tokens must be (batch, seq) = {x.shape[:2]}; got {tuple(tokens.shape)}")
+    cfg = self.cfg
+    y, aux = self.causal(x, positions=positions, segment_ids=segment_ids, return_internals=return_internals)
+    is_meta = jnp.isin(tokens, jnp.asarray(cfg.meta_ids))
+    q, k, v = self.meta_qkv(x, positions)
+    o, dropped = meta_attention(q, k, v, is_meta, mode=cfg.meta_mode, capacity=cfg.meta_capacity,
+                                segment_ids=segment_ids)
+    y = y + self.meta_o(o.reshape(o.shape[0], o.shape[1], -1))
+    if return_internals:
+      mask = meta_attention_mask(is_meta, cfg.meta_mode, segment_ids)
+      aux.update(meta_weights=attention_weights(q, k, causal=False, mask=mask), is_meta=is_meta,
+                 meta_dropped=dropped)
+    return y, aux
+
+
+register_attention("meta_tokens", MetaTokenConfig)(MetaTokenAttention)
