@@ -16,10 +16,13 @@ def decay_mask(lam: np.ndarray, n: int) -> np.ndarray:
   return np.where(i >= j, powers, 0.0)
 
 
-def lightning_ref(q, k, v, lam, scale=1.0):
-  """q, k: (b, n, h, d), v: (b, n, h, e) float64; lam: (h,) decays in (0, 1]."""
-  s = jnp.einsum("bihd,bjhd->bhij", q * scale, k)
-  return jnp.einsum("bhij,bjhe->bihe", s * decay_mask(lam, q.shape[1]), v)
+def lightning_ref(q, k, v, lam, scale=1.0, segment_ids=None):
+  """q, k: (b, n, h, d), v: (b, n, h, e) float64; lam: (h,) decays in (0, 1]; segment_ids: (b, n) runs."""
+  s = jnp.einsum("bihd,bjhd->bhij", q * scale, k) * decay_mask(lam, q.shape[1])
+  if segment_ids is not None:
+    seg = np.asarray(segment_ids)
+    s = s * (seg[:, None, :, None] == seg[:, None, None, :])
+  return jnp.einsum("bhij,bjhe->bihe", s, v)
 
 
 def linear_attention_cumsum(q, k, v):

@@ -114,7 +114,13 @@ def test_config_validation(kw, match):
     LightningConfig(num_heads=4, **kw)
 
 
-def test_segment_ids_refused():
+def test_packed_segments_and_pallas_refusal():
   x, pos = _x()
+  seg = jnp.asarray([[1] * 9 + [2] * 12] * 2)
+  y, _ = _module()(x, positions=pos, segment_ids=seg)
+  y2, _ = _module(impl="naive")(x, positions=pos, segment_ids=seg)
+  np.testing.assert_allclose(y, y2, rtol=1e-4, atol=1e-5)
+  y_doc2, _ = _module()(x[:, 9:], positions=pos[:, 9:], segment_ids=seg[:, 9:])
+  np.testing.assert_allclose(y[:, 9:], y_doc2, rtol=1e-4, atol=1e-5)  # document 2 alone = document 2 packed
   with pytest.raises(ValueError, match="segment"):
-    _module()(x, positions=pos, segment_ids=jnp.zeros((2, T), jnp.int32))
+    _module(impl="pallas")(x, positions=pos, segment_ids=seg)

@@ -10,21 +10,24 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attnlab.attention.lightning.common import check_inputs, intra_decay
+from attnlab.attention.lightning.common import check_inputs, intra_decay, same_segment
 
 
-def lightning_weights(q: jax.Array, k: jax.Array, log_decay: jax.Array, *, scale: float = 1.0) -> jax.Array:
+def lightning_weights(q: jax.Array, k: jax.Array, log_decay: jax.Array, *, scale: float = 1.0,
+                      segment_ids: jax.Array | None = None) -> jax.Array:
   """(batch, heads, q, k) float32 weights ``(Q K^T) ⊙ M`` (unnormalised; for analysis)."""
   s = jnp.einsum("bihd,bjhd->bhij", q.astype(jnp.float32) * scale, k.astype(jnp.float32))
-  return s * intra_decay(log_decay, q.shape[1])[None]
+  s = s * intra_decay(log_decay, q.shape[1])[None]
+  return s if segment_ids is None else s * same_segment(segment_ids)[:, None]
 
 
-def lightning_naive(q: jax.Array, k: jax.Array, v: jax.Array, log_decay: jax.Array, *,
-                    scale: float = 1.0) -> jax.Array:
-  """q, k: (batch, seq, heads, d), v: (batch, seq, heads, e), log_decay: (heads,) ``s_h = -log lambda_h >= 0``.
+def lightning_naive(q: jax.Array, k: jax.Array, v: jax.Array, log_decay: jax.Array, *, scale: float = 1.0,
+                    segment_ids: jax.Array | None = None) -> jax.Array:
+  """q, k: (batch, seq, heads, d), v: (batch, seq, heads, e), log_decay: (heads,) ``s_h = -log lambda_h >= 0``,
+  segment_ids: optional (batch, seq) contiguous runs (packing; see :mod:`.common`).
 
   Returns (batch, seq, heads, e) in v's dtype; O(n^2) time and memory, float32 accumulation.
   """
-  check_inputs(q, k, v, log_decay)
-  w = lightning_weights(q, k, log_decay, scale=scale)
+  check_inputs(q, k, v, log_decay, segment_ids=segment_ids)
+  w = lightning_weights(q, k, log_decay, scale=scale, segment_ids=segment_ids)
   return jnp.einsum("bhij,bjhe->bihe", w, v.astype(jnp.float32)).astype(v.dtype)

@@ -122,21 +122,21 @@ class LightningAttention(nnx.Module):
     return self.out((u.astype(jnp.float32) * o).astype(u.dtype))
 
   def __call__(self, x, *, positions, segment_ids=None, return_internals=False):
-    if segment_ids is not None:
-      raise ValueError("lightning attention does not support packed segments (segment_ids); the carried state "
-                       "would leak across documents")
     q, k, v, u = self._features(x, positions)
     s = jnp.asarray(self.log_decay, jnp.float32)
     if self.cfg.impl == "chunked":
-      o = lightning_chunked(q, k, v, s, block_size=self.cfg.block_size, scale=self.scale)
+      o = lightning_chunked(q, k, v, s, block_size=self.cfg.block_size, scale=self.scale, segment_ids=segment_ids)
     elif self.cfg.impl == "naive":
-      o = lightning_naive(q, k, v, s, scale=self.scale)
+      o = lightning_naive(q, k, v, s, scale=self.scale, segment_ids=segment_ids)
     else:
+      if segment_ids is not None:
+        raise ValueError("impl='pallas' does not support segment_ids (packed documents) yet; use impl='chunked'")
       from kernels_pallas.lightning import lightning_attention  # pylint: disable=import-outside-toplevel
       o = lightning_attention(q, k, v, s, block_size=self.cfg.block_size, scale=self.scale)
     aux = {}
     if return_internals:
-      aux = dict(weights=lightning_weights(q, k, s, scale=self.scale), queries=q, keys=k, values=v)
+      aux = dict(weights=lightning_weights(q, k, s, scale=self.scale, segment_ids=segment_ids), queries=q, keys=k,
+                 values=v)
     return self._output(o, u), aux
 
   def init_state(self, batch: int) -> jax.Array:
