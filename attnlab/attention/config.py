@@ -58,6 +58,12 @@ class AttentionConfig:
   def has_sink_slot(self) -> bool:
     return self.sink_token or self.key_bias or self.value_bias
 
+  def for_layer(self, layer: int, num_layers: int) -> AttentionConfig:
+    """This config as used by layer ``layer`` (0-based) of a ``num_layers`` stack. Identity here; variants with
+    depth-dependent hyperparameters (lightning's per-layer decay) override it."""
+    del layer, num_layers
+    return self
+
   def resolved_head_dim(self, d_model: int) -> int:
     if self.head_dim is not None:
       return self.head_dim

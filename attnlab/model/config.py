@@ -39,7 +39,7 @@ class ModelConfig:
 
   def layer_attention(self, layer: int) -> AttentionConfig:
     pattern = self.attention_pattern
-    return pattern[layer % len(pattern)]
+    return pattern[layer % len(pattern)].for_layer(layer, self.num_layers)
 
   @property
   def resolved_mlp_dim(self) -> int:
