@@ -17,7 +17,7 @@ from attnlab.attention.routing import (balanced_assignment, balanced_attention, 
                                        layer_norm, local_attention, nearest_attention, nearest_centroid,
                                        routing_weights)
 from attnlab.attention.variants.routing import KMeansState, RoutingAttention, RoutingConfig
-from tests import ref_routing as ref
+import ref_routing as ref
 
 B, N, H, D = 2, 24, 2, 8
 
@@ -89,7 +89,7 @@ def test_nearest_matches_loop_reference(window, segments):
   np.testing.assert_allclose(jnp.einsum("bhts,bshd->bthd", w, v), fast[0], atol=2e-5)
 
 
-@pytest.mark.parametrize("block,segments", [(5, True), (8, False)])
+@pytest.mark.parametrize("block,segments", [(5, True)])
 def test_local_matches_loop_reference(block, segments):
   _, _, q, v, proj = _inputs(2)
   k = jax.random.normal(jax.random.key(9), q.shape)
@@ -194,7 +194,7 @@ def test_state_is_not_a_param_and_updates_only_in_training():
   assert float(aux["aux_loss"]) > 0
 
 
-@pytest.mark.parametrize("routing", ["nearest", "balanced"])
+@pytest.mark.parametrize("routing", ["nearest", pytest.param("balanced", marks=pytest.mark.slow)])
 def test_lm_trains_with_finite_grads_and_carries_kmeans_state(routing):
   att = RoutingConfig(num_heads=4, num_routing_heads=2, num_clusters=4, local_block=8, routing=routing)
   cfg = attnlab.ModelConfig(d_model=32, num_layers=2, attention=att, max_seq_len=32, mlp_dim=64)
