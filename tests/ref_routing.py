@@ -4,7 +4,6 @@ softmax attention. Obviously correct and slow; for tests only."""
 from __future__ import annotations
 
 import numpy as np
-import jax
 import jax.numpy as jnp
 
 

@@ -3,8 +3,6 @@ causality, k-means EMA and commitment loss, and the module inside the LM."""
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
