@@ -1,0 +1,171 @@
+"""Routing Transformer attention layer (Roy, Saffar, Vaswani, Grangier, TACL 2021): routing heads beside local
+heads, with online k-means centroids carried as non-trainable state.
+
+Routing heads (the first ``num_routing_heads``) share queries and keys::
+
+    x̂ = LN(x W_q) (no scale/bias),  c(t) = argmax_c x̂_t·μ_c,  o = clustered attention of RoPE(x̂), x W_v
+    aux_loss = β · mean((x̂ − sg(μ_{c(t)}))²)
+
+with the ``nearest`` (causal, default) or ``balanced`` (google-research reference, non-causal) rule of
+:mod:`attnlab.attention.routing.clustered`. Local heads use their own q/k/v (:class:`QKVProjection`, so RoPE and
+QK-norm apply to them) and blocked local causal attention. ``y = [o_routing; o_local] W_o``.
+
+The centroids follow the EMA k-means of :mod:`attnlab.attention.routing.kmeans`, updated from every forward pass
+in training mode. Following the NNX convention the mode is the ``deterministic`` attribute that
+``model.train()`` / ``model.eval()`` set; the state lives in :class:`KMeansState` variables (not ``nnx.Param``):
+optimizers built with ``wrt=nnx.Param`` ignore them, ``nnx.jit``/``nnx.value_and_grad`` carry their updates out
+of a step, and checkpoints of ``nnx.state(model)`` keep them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from attnlab.attention.config import AttentionConfig
+from attnlab.attention.core import attention_weights
+from attnlab.attention.registry import register_attention
+from attnlab.attention.routing import (ROUTINGS, balanced_assignment, balanced_attention, commitment_loss,
+                                       kmeans_ema_update, layer_norm, local_attention, local_mask,
+                                       nearest_attention, nearest_centroid, routing_weights)
+from attnlab.attention.variants.dot_product import QKVProjection, self_attention_mask
+from attnlab.layers import apply_rope, kernel_init
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingConfig(AttentionConfig):
+  """Routing attention. ``num_heads`` = ``num_routing_heads`` routing heads + the rest local heads.
+
+  ``window`` (w) defaults to ``ceil(seq / num_clusters)`` so that ``k·w ≈ n``; the paper's O(n^1.5) setting is
+  ``k ≈ √n``. ``routing_scale`` defaults to ``1/√head_dim`` (google-research uses 1 on the layer-normed x̂).
+  """
+
+  num_routing_heads: int = 2
+  num_clusters: int = 8
+  window: int | None = None
+  routing: str = "nearest"  # "nearest": causal (LM default); "balanced": the reference top-w rule (not causal)
+  local_block: int = 64
+  routing_scale: float | None = None
+  kmeans_decay: float = 0.999
+  kmeans_eps: float = 1e-5
+  commitment: float = 1e-4
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.routing not in ROUTINGS:
+      raise ValueError(f"routing must be one of {ROUTINGS}; got {self.routing!r}")
+    if not 0 <= self.num_routing_heads <= self.num_heads:
+      raise ValueError(f"num_routing_heads must be in [0, num_heads={self.num_heads}]; got {self.num_routing_heads}")
+    if self.num_clusters <= 0 or (self.window is not None and self.window <= 0) or self.local_block <= 0:
+      raise ValueError(f"num_clusters, window and local_block must be positive; got {self.num_clusters}, "
+                       f"{self.window}, {self.local_block}")
+    if not 0.0 < self.kmeans_decay < 1.0:
+      raise ValueError(f"kmeans_decay must be in (0, 1); got {self.kmeans_decay}")
+    unsupported = [name for name, bad in (
+        ("score != 'softmax'", self.score != "softmax"), ("causal=False", not self.causal),
+        ("num_kv_heads (GQA)", self.kv_heads != self.num_heads), ("sink_logit", self.sink_logit),
+        ("sink_token/key_bias/value_bias", self.has_sink_slot), ("gate", self.gate is not None)) if bad]
+    if unsupported:
+      raise ValueError(f"RoutingConfig does not support: {', '.join(unsupported)}")
+
+  @property
+  def num_local_heads(self) -> int:
+    return self.num_heads - self.num_routing_heads
+
+  def resolved_window(self, seq: int) -> int:
+    return self.window if self.window is not None else math.ceil(seq / self.num_clusters)
+
+
+class KMeansState(nnx.Variable):
+  """Non-trainable k-means state (centroids and their EMA statistics); updated by the forward pass, not SGD."""
+
+
+class RoutingAttention(nnx.Module):
+  def __init__(self, cfg: RoutingConfig, d_model: int, *, rngs: nnx.Rngs, init: str = "gpt", dtype=jnp.float32):
+    if not isinstance(cfg, RoutingConfig):
+      raise ValueError(f"RoutingAttention needs a RoutingConfig; got {type(cfg).__name__}")
+    self.cfg = cfg
+    self.deterministic = False  # NNX convention: model.eval() -> True (no k-means update), model.train() -> False
+    hd = self.head_dim = cfg.resolved_head_dim(d_model)
+    hr = cfg.num_routing_heads
+    lin = lambda i, o: nnx.Linear(i, o, use_bias=cfg.use_bias, kernel_init=kernel_init(init), dtype=dtype, rngs=rngs)
+    self.route_q = lin(d_model, hr * hd) if hr else None
+    self.route_v = lin(d_model, hr * hd) if hr else None
+    self.local_qkv = QKVProjection(
+        AttentionConfig(num_heads=cfg.num_local_heads, head_dim=hd, rope=cfg.rope, rope_base=cfg.rope_base,
+                        qk_norm=cfg.qk_norm, use_bias=cfg.use_bias),
+        d_model, init=init, rngs=rngs, dtype=dtype) if cfg.num_local_heads else None
+    self.o = lin(cfg.num_heads * hd, d_model)
+    if hr:
+      mu = layer_norm(jax.random.normal(rngs.params(), (hr, cfg.num_clusters, hd)))  # google-research: LN(N(0, 1))
+      self.centroids = KMeansState(mu)
+      self.ema_count = KMeansState(jnp.ones((hr, cfg.num_clusters), jnp.float32))  # the init counts as 1 sample
+      self.ema_sum = KMeansState(mu)
+    else:
+      self.centroids = self.ema_count = self.ema_sum = None
+
+  def _routing(self, x, positions, segment_ids, return_internals):
+    cfg, hd = self.cfg, self.head_dim
+    b, n, _ = x.shape
+    r = layer_norm(self.route_q(x).reshape(b, n, cfg.num_routing_heads, hd))
+    v = self.route_v(x).reshape(b, n, cfg.num_routing_heads, hd)
+    qk = apply_rope(r, positions, cfg.rope_base) if cfg.rope else r
+    mu = self.centroids[...]
+    cluster = nearest_centroid(r, mu)
+    w = cfg.resolved_window(n)
+    kw = dict(scale=cfg.routing_scale, segment_ids=segment_ids)
+    if cfg.routing == "nearest":
+      idx = None
+      o = nearest_attention(qk, v, cluster, window=w, **kw)
+    else:
+      w = min(w, n)
+      idx = balanced_assignment(r, mu, w)
+      o = balanced_attention(qk, v, idx, **kw)
+    loss = commitment_loss(r, mu, cluster, cfg.commitment)
+    if not self.deterministic:
+      count, total, new_mu = kmeans_ema_update(self.ema_count[...], self.ema_sum[...], r, cluster,
+                                               decay=cfg.kmeans_decay, eps=cfg.kmeans_eps)
+      self.ema_count[...], self.ema_sum[...], self.centroids[...] = count, total, new_mu
+    internals = {}
+    if return_internals:
+      internals = dict(weights=routing_weights(qk, routing=cfg.routing, window=w, idx=idx, cluster=cluster, **kw),
+                       queries=qk, keys=qk, values=v, clusters=cluster)
+    return o.astype(x.dtype), loss, internals
+
+  def _local(self, x, positions, segment_ids, return_internals):
+    cfg = self.cfg
+    q, k, v = self.local_qkv(x, positions)
+    o = local_attention(q, k, v, block=cfg.local_block, segment_ids=segment_ids)
+    internals = {}
+    if return_internals:
+      mask = local_mask(x.shape[1], cfg.local_block)[None, None] & self_attention_mask(cfg, x.shape[1], segment_ids)
+      internals = dict(weights=attention_weights(q, k, causal=False, mask=mask), queries=q, keys=k, values=v)
+    return o, internals
+
+  def __call__(self, x, *, positions, segment_ids=None, return_internals=False):
+    b, n, _ = x.shape
+    outs, parts, aux = [], [], {}
+    if self.route_q is not None:
+      o, aux["aux_loss"], internals = self._routing(x, positions, segment_ids, return_internals)
+      outs.append(o)
+      parts.append(internals)
+    if self.local_qkv is not None:
+      o, internals = self._local(x, positions, segment_ids, return_internals)
+      outs.append(o)
+      parts.append(internals)
+    y = self.o(jnp.concatenate(outs, axis=2).reshape(b, n, -1))
+    if return_internals:
+      cat = lambda key, axis: jnp.concatenate([p[key] for p in parts], axis=axis)
+      aux.update(weights=cat("weights", 1), queries=cat("queries", 2), keys=cat("keys", 2),
+                 values=cat("values", 2))
+      aux["sink_mass"] = jnp.zeros(aux["weights"].shape[:-1], aux["weights"].dtype)
+      if self.route_q is not None:
+        aux["clusters"] = parts[0]["clusters"]
+    return y, aux
+
+
+register_attention("routing", RoutingConfig)(RoutingAttention)
