@@ -1,0 +1,1 @@
+"""Pallas kernels for attnlab (GPU and TPU), each with a pure-jnp reference; tested on CPU in interpret mode."""
