@@ -121,12 +121,17 @@ def kv_block_range(st: FlashStatic, q_start, bq: int, bk: int, num_kv_blocks: in
   if not st.causal:
     return num_kv_blocks
   last_key = q_start + bq - 1 + st.offset
-  return jnp.clip((last_key + bk) // bk, 0, num_kv_blocks)
+  return jnp.minimum(jax.lax.div(jnp.maximum(last_key + bk, 0), bk), num_kv_blocks)  # lax.div: no sign() on TPU
 
 
 def q_block_start(st: FlashStatic, k_start, bq: int, num_q_blocks: int):
   """First query block that can see keys from k_start on (causal), else 0."""
   if not st.causal:
     return 0
-  first_query = k_start - st.offset
-  return jnp.clip(first_query // bq, 0, num_q_blocks)
+  first_query = jnp.maximum(k_start - st.offset, 0)
+  return jnp.minimum(jax.lax.div(first_query, bq), num_q_blocks)
+
+
+def kv_head(h, groups: int):
+  """The kv head read by query head h (GQA)."""
+  return jax.lax.div(h, groups) if groups > 1 else h

@@ -85,7 +85,7 @@ def forward(st: FlashStatic, q, k, v, q_seg, kv_seg, count, sinks):
   batch, q_len, heads, head_dim = q.shape
   bq, g = st.blocks.block_q, st.groups
   extra, extra_specs = _row_inputs(st, q_seg, kv_seg, count, sinks, bq)
-  kv_spec = pl.BlockSpec((None, st.kv_len, None, head_dim), lambda b, h, i: (b, 0, h // g, 0))
+  kv_spec = pl.BlockSpec((None, st.kv_len, None, head_dim), lambda b, h, i: (b, 0, common.kv_head(h, g), 0))
   return pl.pallas_call(
       functools.partial(_fwd_kernel, st=st),
       grid=(batch, heads, q_len // bq),
@@ -158,7 +158,7 @@ def backward(st: FlashStatic, q, k, v, q_seg, kv_seg, count, o, r, do, delta):
 
   extra, extra_specs = _row_inputs(st, q_seg, kv_seg, count, None, bq)
   q_spec = pl.BlockSpec((None, bq, None, head_dim), lambda b, h, i: (b, i, h, 0))
-  kv_full = pl.BlockSpec((None, kv_len, None, head_dim), lambda b, h, i: (b, 0, h // g, 0))
+  kv_full = pl.BlockSpec((None, kv_len, None, head_dim), lambda b, h, i: (b, 0, common.kv_head(h, g), 0))
   row_spec = pl.BlockSpec((None, None, bq, 1), lambda b, h, i: (b, h, i, 0))
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, st=st),
@@ -179,7 +179,7 @@ def backward(st: FlashStatic, q, k, v, q_seg, kv_seg, count, o, r, do, delta):
     extra.append(count)
     extra_specs.append(pl.BlockSpec((None, q_len, 1), lambda b, h, j: (b, 0, 0)))
   q_full = pl.BlockSpec((None, q_len, None, head_dim), lambda b, h, j: (b, 0, h, 0))
-  kv_spec = pl.BlockSpec((None, bk, None, head_dim), lambda b, h, j: (b, j, h // g, 0))
+  kv_spec = pl.BlockSpec((None, bk, None, head_dim), lambda b, h, j: (b, j, common.kv_head(h, g), 0))
   row_full = pl.BlockSpec((None, None, q_len, 1), lambda b, h, j: (b, h, 0, 0))
   dkv_spec = pl.BlockSpec((None, bk, None, head_dim), lambda b, h, j: (b, j, h, 0))
   dk, dv = pl.pallas_call(

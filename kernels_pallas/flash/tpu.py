@@ -96,7 +96,7 @@ def forward(st: FlashStatic, q, k, v, q_seg, kv_seg, count, sinks):
   batch, q_len, heads, head_dim = q.shape
   bq, bk, g = st.blocks.block_q, st.blocks.block_kv, st.groups
   qt, kt, vt = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
-  kv_index = lambda b, h, i, j: (b, h // g, jnp.minimum(j, _last_kv_block(st, i, bq, bk)), 0)
+  kv_index = lambda b, h, i, j: (b, common.kv_head(h, g), jnp.minimum(j, _last_kv_block(st, i, bq, bk)), 0)
   extra, extra_specs = _optional_inputs(st, q_seg, kv_seg, count, sinks, lambda b, h, i, j: i,
                                         lambda b, h, i, j: jnp.minimum(j, _last_kv_block(st, i, bq, bk)), bq, bk)
   o, r = pl.pallas_call(
@@ -182,7 +182,7 @@ def backward(st: FlashStatic, q, k, v, q_seg, kv_seg, count, o, r, do, delta):
   # dq: grid (b, h, q block i, kv block j).
   last_j = lambda i: _last_kv_block(st, i, bq, bk)
   q_spec = pl.BlockSpec((None, None, bq, head_dim), lambda b, h, i, j: (b, h, i, 0))
-  kv_spec = pl.BlockSpec((None, None, bk, head_dim), lambda b, h, i, j: (b, h // g, jnp.minimum(j, last_j(i)), 0))
+  kv_spec = pl.BlockSpec((None, None, bk, head_dim), lambda b, h, i, j: (b, common.kv_head(h, g), jnp.minimum(j, last_j(i)), 0))
   row_spec = pl.BlockSpec((None, None, bq, 1), lambda b, h, i, j: (b, h, i, 0))
   extra, extra_specs = _optional_inputs(st, q_seg, kv_seg, count, None, lambda b, h, i, j: i,
                                         lambda b, h, i, j: jnp.minimum(j, last_j(i)), bq, bk)
@@ -199,7 +199,7 @@ def backward(st: FlashStatic, q, k, v, q_seg, kv_seg, count, o, r, do, delta):
   # dk/dv: grid (b, h, kv block j, q block i); query blocks above the diagonal are skipped.
   first_i = lambda j: _first_q_block(st, j, bq, bk)
   q_spec = pl.BlockSpec((None, None, bq, head_dim), lambda b, h, j, i: (b, h, jnp.maximum(i, first_i(j)), 0))
-  kv_spec = pl.BlockSpec((None, None, bk, head_dim), lambda b, h, j, i: (b, h // g, j, 0))
+  kv_spec = pl.BlockSpec((None, None, bk, head_dim), lambda b, h, j, i: (b, common.kv_head(h, g), j, 0))
   row_spec = pl.BlockSpec((None, None, bq, 1), lambda b, h, j, i: (b, h, jnp.maximum(i, first_i(j)), 0))
   dkv_spec = pl.BlockSpec((None, None, bk, head_dim), lambda b, h, j, i: (b, h, j, 0))
   extra, extra_specs = _optional_inputs(st, q_seg, kv_seg, count, None,

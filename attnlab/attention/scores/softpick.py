@@ -37,7 +37,8 @@ class SoftpickBlockwise(Blockwise):
     return jax.nn.relu(jnp.exp(s - r) - jnp.exp(-r))
 
   def dlogits(self, s, r, dp, delta, n):
-    return jnp.exp(s - r) * (jnp.where(s > 0, dp, 0.0) - delta * jnp.sign(s))
+    g = jnp.where(s > 0, dp - delta, jnp.where(s < 0, delta, 0.0))  # dp [s > 0] - delta sign(s), sign-free (TPU)
+    return jnp.exp(s - r) * g
 
 
 def softpick_blockwise(ctx, eps=1e-6):
