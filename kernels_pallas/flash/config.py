@@ -23,9 +23,11 @@ class BlockSizes:
   block_kv: int = 128
   block_q_bwd: int | None = None
   block_kv_bwd: int | None = None
+  num_warps: int = 4  # Triton launch parameters (GPU kernel only)
+  num_stages: int = 2
 
   def __post_init__(self):
-    for name in ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd"):
+    for name in ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd", "num_warps", "num_stages"):
       value = getattr(self, name)
       if value is not None and (not isinstance(value, int) or value <= 0):
         raise ValueError(f"BlockSizes.{name} must be a positive int; got {value!r}")
@@ -58,4 +60,4 @@ class BlockSizes:
           raise ValueError(f"{name}={value}: TPU blocks must be multiples of {multiple} (or the full {axis})")
     if not interpret and backend == "gpu" and (not _is_pow2(head_dim) or head_dim < 16):
       raise ValueError(f"head_dim={head_dim}: the Triton GPU kernel needs a power of two >= 16")
-    return BlockSizes(**sizes)
+    return dataclasses.replace(self, **sizes)

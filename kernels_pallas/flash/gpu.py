@@ -19,12 +19,8 @@ from jax.experimental.pallas import triton as plgpu
 from kernels_pallas.flash import common
 from kernels_pallas.flash.common import FlashStatic
 
-NUM_WARPS = 4
-NUM_STAGES = 2
-
-
-def _params():
-  return plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+def _params(st: FlashStatic):
+  return plgpu.CompilerParams(num_warps=st.blocks.num_warps, num_stages=st.blocks.num_stages)
 
 
 def _split(refs, st: FlashStatic, n_out: int, with_sinks: bool = False):
@@ -95,7 +91,7 @@ def forward(st: FlashStatic, q, k, v, q_seg, kv_seg, count, sinks):
                  pl.BlockSpec((None, None, bq, 1), lambda b, h, i: (b, h, i, 0))],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((batch, heads, q_len, 1), jnp.float32)],
-      compiler_params=_params(), interpret=st.interpret, name="flash_fwd_gpu",
+      compiler_params=_params(st), interpret=st.interpret, name="flash_fwd_gpu",
   )(q, k, v, *extra)
 
 
@@ -166,7 +162,7 @@ def backward(st: FlashStatic, q, k, v, q_seg, kv_seg, count, o, r, do, delta):
       in_specs=[q_spec, kv_full, kv_full, q_spec, row_spec, row_spec, *extra_specs],
       out_specs=q_spec,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=_params(), interpret=st.interpret, name="flash_dq_gpu",
+      compiler_params=_params(st), interpret=st.interpret, name="flash_dq_gpu",
   )(q, k, v, do, r, delta, *extra)
 
   # dk/dv: every program sees all query rows (full q/do/r/delta/q_seg/count) and one key block.
@@ -188,6 +184,6 @@ def backward(st: FlashStatic, q, k, v, q_seg, kv_seg, count, o, r, do, delta):
       in_specs=[q_full, kv_spec, kv_spec, q_full, row_full, row_full, *extra_specs],
       out_specs=[dkv_spec, dkv_spec],
       out_shape=[jax.ShapeDtypeStruct((batch, kv_len, heads, head_dim), jnp.float32)] * 2,
-      compiler_params=_params(), interpret=st.interpret, name="flash_dkv_gpu",
+      compiler_params=_params(st), interpret=st.interpret, name="flash_dkv_gpu",
   )(q, k, v, do, r, delta, *extra)
   return dq, dk, dv
