@@ -106,9 +106,29 @@ def attention_weights(q: jax.Array, k: jax.Array, *, score: str = "softmax", cau
   return w.reshape(w.shape[0], -1, w.shape[3], w.shape[4])
 
 
+IMPLS = ("xla", "pallas", "auto")
+
+
+def kernel_unsupported(q, k, v, *, score: str, bias, mask, score_params: dict) -> str | None:
+  """Why the Pallas flash kernel cannot run this call (None if it can)."""
+  if bias is not None or mask is not None:
+    return "a dense bias/mask (the kernel builds causal and segment masks itself)"
+  fn = get_score(score)
+  if fn.blockwise is None:
+    return f"score function {score!r} has no flash-kernel hooks"
+  if v.shape[-1] != q.shape[-1]:
+    return "v head_dim != q head_dim"
+  try:
+    fn.blockwise(ScoreContext(q_len=q.shape[1], kv_len=k.shape[1], head_dim=q.shape[3]), **score_params)
+  except (ValueError, TypeError) as e:
+    return str(e)
+  return None
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, score: str = "softmax", causal: bool = True,
            scale: float | None = None, bias: jax.Array | None = None, mask: jax.Array | None = None,
-           segment_ids: Any = None, sink_logits: jax.Array | None = None, **score_params) -> jax.Array:
+           segment_ids: Any = None, sink_logits: jax.Array | None = None, impl: str = "xla",
+           **score_params) -> jax.Array:
   """Attention ``o_i = sum_j p_ij v_j`` with ``p = score(scale * q k^T + bias)`` over visible keys.
 
   Args:
@@ -122,12 +142,26 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, score: str = "softmax", 
     segment_ids: (batch, seq) int ids when ``q_len == kv_len``, or a ``(q_ids, kv_ids)`` pair; tokens attend
       only within their segment (packing).
     sink_logits: (num_heads,) per-head sink logit (softmax only): adds ``exp(sink_h)`` to the denominator.
+    impl: "xla" (dense, this module), "pallas" (the flash kernel of :mod:`kernels_pallas.flash`; a ValueError
+      if the call needs something it lacks, e.g. a dense ``mask``/``bias``), or "auto" (the kernel on GPU/TPU
+      when it supports the call, XLA otherwise and on CPU).
     **score_params: parameters of the score function (e.g. ``b``/``normalize`` for sigmoid).
 
   Returns:
     (batch, q_len, num_heads, head_dim) in ``q.dtype``; a query with no visible key returns 0.
   """
   _check_inputs(q, k, v)
+  if impl not in IMPLS:
+    raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
+  if impl != "xla":
+    get_score(score).check_params(score_params)
+    reason = kernel_unsupported(q, k, v, score=score, bias=bias, mask=mask, score_params=score_params)
+    if impl == "pallas" and reason is not None:
+      raise ValueError(f"impl='pallas' cannot run this call: {reason}; use impl='xla' or 'auto'")
+    if impl == "pallas" or (reason is None and jax.default_backend() in ("gpu", "tpu")):
+      from kernels_pallas.flash import flash_attention  # noqa: PLC0415  (kernels depend on this module)
+      return flash_attention(q, k, v, score=score, causal=causal, scale=scale, segment_ids=segment_ids,
+                             sink_logits=sink_logits, **score_params)
   w = _weights_grouped(q, k, score=score, causal=causal, scale=scale, bias=bias, mask=mask,
                        segment_ids=segment_ids, sink_logits=sink_logits, score_params=score_params)
   out = jnp.einsum("bhgqk,bkhd->bqhgd", w, v.astype(jnp.float32))

@@ -7,6 +7,9 @@ with :func:`register_score`; the dense XLA path (:func:`attnlab.attend`) and the
 Contract every score function honours:
   * masked entries (``mask == False``) get weight exactly 0;
   * a row with no visible key gets all-zero weights (never NaN), with finite gradients.
+
+A score function may also provide :class:`Blockwise` hooks: the same math written one key block at a time, which
+is what a flash kernel (``kernels_pallas.flash``) calls. The kernel is generic; the score function is its parameter.
 """
 
 from __future__ import annotations
@@ -26,6 +29,48 @@ class ScoreContext(NamedTuple):
   head_dim: int
 
 
+class Blockwise:
+  """A score function evaluated one key block at a time, without the full row (flash attention).
+
+  Per query row ``i`` a kernel carries a shift ``m_i``, a denominator sum ``l_i`` and ``acc_i = sum_j u_ij v_j``
+  over visible keys, with ``u_ij, d_ij = block(s_ij, m_i, n_i)`` (numerator weight and denominator term, both
+  relative to the shift). When ``online`` the shift is a running max (``m <- max(m, max_j s_ij)``) and
+  ``l``/``acc`` are rescaled by ``exp(m_old - m_new)`` (softmax, softpick); otherwise ``m = 0`` throughout
+  (sigmoid, softplus, relu: no statistics, or an l1 row sum, FlashSigmoid-style). At the end
+  ``o_i = acc_i / D_i`` with ``D_i = denominator(l_i, m_i, n_i)``, and the kernel keeps the residual
+  ``r_i = m_i + log D_i`` (for softmax: the row log-sum-exp, sink included). The backward pass recomputes
+  ``p_ij = probs(s_ij, r_i, n_i)`` and ``ds_ij = dlogits(s_ij, r_i, dp_ij, delta_i, n_i)`` from ``r`` with
+  ``dp_ij = do_i . v_j`` and ``delta_i = do_i . o_i`` (minus the cotangent of ``r_i``).
+
+  ``n_i`` is the number of keys visible to row ``i`` (only computed when ``needs_count``); all methods act on
+  broadcastable float32 arrays (rows (bq, 1), blocks (bq, bk)) and the kernel zeroes masked entries itself.
+  Subclasses are frozen dataclasses (hashable: they are static arguments of the kernel).
+  """
+
+  online: bool = False  # running-max shift (else m = 0)
+  uses_sum: bool = True  # carries l (else d is ignored and l stays 0)
+  needs_count: bool = False  # needs n_i, the visible-key count of each row
+  init_shift: float = 0.0  # m before the first block (online only; the kernel uses its mask value for -inf)
+
+  def block(self, s, m, n):
+    """(u, d): numerator weights and denominator terms of one block, relative to the shift m."""
+    raise NotImplementedError
+
+  def denominator(self, l, m, n):
+    """D_i from the carried sum l_i (relative to the shift m_i); o_i = acc_i / D_i."""
+    raise NotImplementedError
+
+  def probs(self, s, r, n):
+    """p_ij recomputed from the residual r_i = m_i + log D_i."""
+    raise NotImplementedError
+
+  def dlogits(self, s, r, dp, delta, n):
+    """dL/ds_ij given dp_ij = dL/dp_ij and delta_i = sum_j p_ij dp_ij."""
+    raise NotImplementedError
+
+
+# blockwise(ctx, **params) -> Blockwise: the kernel hooks with the score's parameters resolved.
+BlockwiseFn = Callable[..., Blockwise]
 # weights(s, mask, *, sink_logits, ctx, **params) -> p, all of shape (..., q_len, kv_len), float32.
 WeightsFn = Callable[..., jax.Array]
 # prepare(q, k, scale, ctx, **params) -> (q, k, scale): optional transform before the logits (e.g. l2-normalise).
@@ -40,6 +85,7 @@ class ScoreFunction:
   supports_sink_logits: bool = False
   prepare: PrepareFn | None = None
   doc: str = ""
+  blockwise: BlockwiseFn | None = None  # flash-kernel hooks; None: the score runs only on the dense path
 
   def check_params(self, params: dict[str, Any]) -> None:
     unknown = sorted(set(params) - set(self.params))
@@ -53,14 +99,14 @@ _REGISTRY: dict[str, ScoreFunction] = {}
 
 
 def register_score(name: str, *, params: tuple[str, ...] = (), supports_sink_logits: bool = False,
-                   prepare: PrepareFn | None = None):
-  """Decorator: registers ``weights`` under ``name``."""
+                   prepare: PrepareFn | None = None, blockwise: BlockwiseFn | None = None):
+  """Decorator: registers ``weights`` (and optional flash-kernel hooks ``blockwise``) under ``name``."""
 
   def wrap(weights: WeightsFn) -> WeightsFn:
     if name in _REGISTRY:
       raise ValueError(f"score function {name!r} is already registered")
     _REGISTRY[name] = ScoreFunction(name, weights, tuple(params), supports_sink_logits, prepare,
-                                    (weights.__doc__ or "").strip())
+                                    (weights.__doc__ or "").strip(), blockwise)
     return weights
 
   return wrap

@@ -10,19 +10,52 @@ nonlinearity (equivalently, a -inf logit before it), never by adding a large neg
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 
-from attnlab.attention.scores.registry import register_score, safe_row_normalize
+from attnlab.attention.scores.registry import Blockwise, register_score, safe_row_normalize
 
 
 def default_sigmoid_bias(kv_len: int) -> float:
   return -math.log(max(kv_len, 1))
 
 
-@register_score("sigmoid", params=("b", "normalize"))
+@dataclasses.dataclass(frozen=True)
+class SigmoidBlockwise(Blockwise):
+  """FlashSigmoid: u = sigma(s + b) needs no running statistics. normalize=True carries the l1 row sum
+  (u = d, D = l); otherwise D = 1 and l is not carried. dL/ds = (dp - [normalize] delta) p (1 - sigma)."""
+
+  b: float
+  normalize: bool
+
+  @property
+  def uses_sum(self):
+    return self.normalize
+
+  def block(self, s, m, n):
+    u = jax.nn.sigmoid(s + self.b)
+    return u, u
+
+  def denominator(self, l, m, n):
+    return l if self.normalize else jnp.ones_like(l)
+
+  def probs(self, s, r, n):
+    return jax.nn.sigmoid(s + self.b) * jnp.exp(-r)
+
+  def dlogits(self, s, r, dp, delta, n):
+    sig = jax.nn.sigmoid(s + self.b)
+    g = dp - delta if self.normalize else dp
+    return g * sig * jnp.exp(-r) * (1.0 - sig)
+
+
+def sigmoid_blockwise(ctx, b=None, normalize=False):
+  return SigmoidBlockwise(b=float(default_sigmoid_bias(ctx.kv_len) if b is None else b), normalize=bool(normalize))
+
+
+@register_score("sigmoid", params=("b", "normalize"), blockwise=sigmoid_blockwise)
 def sigmoid_weights(s, mask, *, sink_logits=None, ctx, b=None, normalize=False):
   """p_ij = sigma(s_ij + b) (optionally row-normalised); b defaults to -log(kv_len)."""
   del sink_logits

@@ -9,13 +9,46 @@ StreamingLLM's "Zero Sink"). Without sinks this is Vaswani et al. (2017). The si
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import jax
 import jax.numpy as jnp
 
-from attnlab.attention.scores.registry import register_score
+from attnlab.attention.scores.registry import Blockwise, register_score
 
 
-@register_score("softmax", supports_sink_logits=True)
+@dataclasses.dataclass(frozen=True)
+class SoftmaxBlockwise(Blockwise):
+  """Online softmax (Milakov & Gimelshein 2018; FlashAttention): u = d = exp(s - m), D = l, r = log-sum-exp.
+
+  A sink logit is a virtual key with value 0: the kernel starts from m = sink, l = 1.
+  dL/ds = p (dp - delta).
+  """
+
+  online = True
+  init_shift = -math.inf
+
+  def block(self, s, m, n):
+    e = jnp.exp(s - m)
+    return e, e
+
+  def denominator(self, l, m, n):
+    return l
+
+  def probs(self, s, r, n):
+    return jnp.exp(s - r)
+
+  def dlogits(self, s, r, dp, delta, n):
+    return jnp.exp(s - r) * (dp - delta)
+
+
+def softmax_blockwise(ctx):
+  del ctx
+  return SoftmaxBlockwise()
+
+
+@register_score("softmax", supports_sink_logits=True, blockwise=softmax_blockwise)
 def softmax_weights(s, mask, *, sink_logits=None, ctx=None):
   """p_ij = exp(s_ij) / (sum_j exp(s_ij) + exp(sink_h)); masked -> 0; empty row without sink -> 0."""
   del ctx

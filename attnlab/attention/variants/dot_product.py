@@ -122,7 +122,7 @@ class DotProductAttention(nnx.Module):
       kw = dict(causal=False, mask=mask)
     else:
       kw = dict(causal=cfg.causal, segment_ids=segment_ids)
-    o = attend(q, k, v, score=cfg.score, sink_logits=sinks, **kw, **cfg.score_kwargs)
+    o = attend(q, k, v, score=cfg.score, sink_logits=sinks, impl=cfg.impl, **kw, **cfg.score_kwargs)
     if self.gate is not None:
       o = self.gate(x, o)
     y = self.o(o.reshape(b, t, -1))
