@@ -77,7 +77,7 @@ def test_pooling_changes_the_output_and_reference_mask_covers_each_token_once():
   np.testing.assert_array_equal(covered, np.tril(np.ones((n, n), int)))
 
 
-@pytest.mark.parametrize("g,s", [(1, 8), (4, 40), (4, 64)])
+@pytest.mark.parametrize("g,s", [(1, 8), (4, 40)])  # g = 1; s >= seq_len
 def test_reduces_to_causal_attention(g, s):
   q, k, v = _qkv(2, 2, 40, 4, 2, 8, scale=1.5)
   out = fast(q, k, v, group_size=g, window_size=s, block_q=16)
@@ -163,38 +163,37 @@ def test_prefill_then_decode_matches_full_forward(prefix):
   assert int(cache.num_core) == (n - s) // g and int(cache.length) == n
 
 
-def _lm(attn, seq=64):
-  cfg = attnlab.ModelConfig(vocab_size=50, d_model=32, num_layers=2, attention=attn, max_seq_len=seq)
+@pytest.fixture(scope="module")
+def lm():
+  attn = CCAConfig(num_heads=4, num_kv_heads=2, group_size=4, window_size=8, block_q=16, sink_logit=True,
+                   gate="headwise")
+  cfg = attnlab.ModelConfig(vocab_size=50, d_model=32, num_layers=1, attention=attn, max_seq_len=64)
   return attnlab.DecoderLM(cfg, rngs=nnx.Rngs(0))
 
 
-def test_registered_and_trains_in_the_lm():
+def test_registered_and_trains_in_the_lm(lm):
   assert attention_config_class("cca") is CCAConfig
-  cfg = CCAConfig(num_heads=4, num_kv_heads=2, group_size=4, window_size=8, block_q=16, sink_logit=True,
-                  gate="headwise")
-  model = _lm(cfg)
   tokens = jax.random.randint(jax.random.key(0), (2, 40), 0, 50)
 
   def loss(model):
     logits = model(tokens)
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), tokens[:, 1:, None], -1))
 
-  value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
+  value, grads = nnx.jit(nnx.value_and_grad(loss))(lm)
   assert np.isfinite(value)
   assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
-  _, aux = nnx.jit(lambda m: m(tokens, return_internals=True))(model)
+  _, aux = nnx.jit(lambda m: m(tokens, return_internals=True))(lm)
   layer = aux["layers"][0]
   assert layer["weights"].shape == (2, 4, 40, 40)
   np.testing.assert_allclose(layer["weights"].sum(-1) + layer["sink_mass"], 1.0, atol=1e-5)
 
 
-def test_causality_in_the_lm():
-  model = _lm(CCAConfig(num_heads=2, group_size=4, window_size=8, block_q=16))
-  tokens = jax.random.randint(jax.random.key(1), (1, 48), 0, 50)
+def test_causality_in_the_lm(lm):
+  tokens = jax.random.randint(jax.random.key(1), (2, 40), 0, 50)
   t = 30
   other = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 7) % 50)
   run = nnx.jit(lambda m, x: m(x))
-  a, b = run(model, tokens), run(model, other)
+  a, b = run(lm, tokens), run(lm, other)
   np.testing.assert_allclose(a[:, :t + 1], b[:, :t + 1], atol=1e-5)
   assert np.abs(a[:, t + 1:] - b[:, t + 1:]).max() > 1e-4
 
