@@ -5,3 +5,4 @@ from attnlab.attention.variants import landmark  # noqa: F401
 from attnlab.attention.variants import meta_tokens  # noqa: F401
 from attnlab.attention.variants import lightning  # noqa: F401
 from attnlab.attention.variants import routing  # noqa: F401
+from attnlab.attention.variants import cca  # noqa: F401

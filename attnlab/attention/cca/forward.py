@@ -1,0 +1,139 @@
+"""CCA attention for training and prefill (Chen et al., "Core Context Aware Transformers for Long Context
+Language Modeling", ICML 2025; arXiv 2412.12465).
+
+    o_t = score(q_t [K^c_{<c(t)} ; K_{c(t)g..t}]^T * scale) [V^c_{<c(t)} ; V_{c(t)g..t}]
+
+with the core tokens K^c, V^c of :mod:`attnlab.attention.cca.pooling`. Every earlier token is covered exactly
+once, by a visible core token or by the locality window; g = 1 or s >= L is exactly causal attention.
+
+The fast path is blocked over queries: a block of ``block_q`` queries sees all L // g core keys (masked) and a
+band of ``block_q + s + g`` raw keys, so no (L x L) score matrix is ever built: cost and memory
+O(L (L/g + s + g + block_q) d). With ``remat`` each block is recomputed in the backward pass (flash-style memory).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from attnlab.attention.cca.pooling import (check_cca_params, pool_core, pooling_weights, split_heads,
+                                          visible_core_count)
+from attnlab.attention.cca.rows import attend_rows, grouped_sinks, prepare_inputs
+from attnlab.attention.core import _check_inputs
+from attnlab.attention.scores import ScoreContext, get_score
+
+
+def _setup(q, k, v, group_size, window_size, score, sink_logits, score_params):
+  _check_inputs(q, k, v)
+  check_cca_params(group_size, window_size)
+  fn = get_score(score)
+  fn.check_params(score_params)
+  if sink_logits is not None and not fn.supports_sink_logits:
+    raise ValueError(f"score function {score!r} does not support sink_logits")
+  ctx = ScoreContext(q_len=q.shape[1], kv_len=k.shape[1], head_dim=q.shape[3])
+  sinks = grouped_sinks(sink_logits, q.shape[2], k.shape[2])
+  return fn, ctx, sinks
+
+
+def _band_masks(t0, band_start, block_q: int, width: int, num_core: int, g: int, s: int):
+  """Masks of one query block: core p < c(t); raw key j (absolute) in [c(t) g, t]."""
+  t = t0 + jnp.arange(block_q)
+  c = visible_core_count(t, g, s)[:, None]
+  mask_core = jnp.arange(num_core)[None, :] < c
+  j = band_start + jnp.arange(width)[None, :]
+  mask_raw = (j >= c * g) & (j <= t[:, None])
+  return mask_core, mask_raw
+
+
+def cca_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, group_size: int, window_size: int,
+                  score: str = "softmax", scale: float | None = None, sink_logits: jax.Array | None = None,
+                  block_q: int = 512, remat: bool = True, **score_params: Any) -> jax.Array:
+  """Causal CCA attention, blocked over queries.
+
+  Args:
+    q: (batch, seq, num_heads, head_dim), after RoPE. k, v: (batch, seq, num_kv_heads, head_dim).
+    group_size: g, tokens per core token. window_size: s, locality window; s % g == 0.
+    score: registered score function applied to each fused row [core ; local].
+    scale: logit scale (default 1/sqrt(head_dim), or the score function's own default).
+    sink_logits: (num_heads,) sink logits (softmax only).
+    block_q: queries per block; sequences of at most ``block_q`` tokens run as one dense block.
+    remat: recompute each block in the backward pass instead of storing its scores.
+    **score_params: parameters of the score function.
+
+  Returns:
+    (batch, seq, num_heads, head_dim) in q.dtype.
+  """
+  fn, ctx, sinks = _setup(q, k, v, group_size, window_size, score, sink_logits, score_params)
+  if q.shape[1] != k.shape[1]:
+    raise ValueError(f"cca_attention is self-attention: q and k lengths differ ({q.shape[1]} vs {k.shape[1]}); "
+                     f"use cca_decode_step to decode with a cache")
+  if block_q < 1:
+    raise ValueError(f"block_q must be >= 1; got {block_q}")
+  g, s = group_size, window_size
+  b, n, h, d = q.shape
+  kv_heads = k.shape[2]
+  bq = min(block_q, n)
+  n_pad = -(-n // bq) * bq
+  nb = n_pad // bq
+  front = min(s + g, n_pad - bq)  # raw keys before a block that its queries may still see
+  width = bq + front
+
+  pad_end = lambda x: jnp.pad(x, ((0, 0), (0, n_pad - n), (0, 0), (0, 0)))
+  q, k, v = pad_end(q), pad_end(k), pad_end(v)
+  core_k, core_v = pool_core(q, k, v, g)
+  qp, kp, core_k, scale = prepare_inputs(fn, q, k, core_k, scale, ctx, score_params)
+  num_core = core_k.shape[1]
+
+  q_blocks = jnp.moveaxis(split_heads(qp, kv_heads).reshape(b, nb, bq, kv_heads, h // kv_heads, d), 1, 0)
+  idx = jnp.arange(nb)[:, None] * bq + jnp.arange(width)[None, :]  # into the front-padded keys
+  front_pad = lambda x: jnp.pad(x, ((0, 0), (front, 0), (0, 0), (0, 0)))
+  k_bands = jnp.moveaxis(front_pad(kp)[:, idx], 1, 0)  # (nb, B, width, Hkv, d)
+  v_bands = jnp.moveaxis(front_pad(v.astype(jnp.float32))[:, idx], 1, 0)
+  starts = jnp.arange(nb) * bq
+
+  def block(args):
+    qb, kb, vb, t0 = args
+    mask_core, mask_raw = _band_masks(t0, t0 - front, bq, width, num_core, g, s)
+    o, _, _ = attend_rows(qb, core_k, core_v, kb, vb, mask_core, mask_raw, fn=fn, scale=scale, sinks=sinks,
+                          ctx=ctx, params=score_params)
+    return o
+
+  if remat:
+    block = jax.checkpoint(block)
+  out = jax.lax.map(block, (q_blocks, k_bands, v_bands, starts))  # (nb, B, bq, Hkv, G, d)
+  out = jnp.moveaxis(out, 0, 1).reshape(b, n_pad, h, v.shape[-1])[:, :n]
+  return out.astype(q.dtype)
+
+
+def cca_weights(q: jax.Array, k: jax.Array, *, group_size: int, window_size: int, score: str = "softmax",
+                scale: float | None = None, sink_logits: jax.Array | None = None,
+                **score_params: Any) -> jax.Array:
+  """Effective dense weights A (batch, num_heads, seq, seq), float32, with ``o = A v`` (for analysis).
+
+  A core weight a_tp is spread over its group's tokens by the pooling weights: A_tj = a_tp w_pj for j in group p
+  (p < c(t)) and A_tj = a_tj for j in the locality window. Builds (seq x seq) arrays: short sequences only.
+  """
+  fn, ctx, sinks = _setup(q, k, k, group_size, window_size, score, sink_logits, score_params)
+  g, s = group_size, window_size
+  b, n, h, _ = q.shape
+  kv_heads = k.shape[2]
+  core_k, _ = pool_core(q, k, k, g)
+  qp, kp, core_kp, scale = prepare_inputs(fn, q, k, core_k, scale, ctx, score_params)
+  mask_core, mask_raw = _band_masks(0, 0, n, n, core_k.shape[1], g, s)
+  _, w_core, w_raw = attend_rows(split_heads(qp, kv_heads), core_kp, core_k, kp, kp, mask_core, mask_raw, fn=fn,
+                                 scale=scale, sinks=sinks, ctx=ctx, params=score_params)
+  pw = pooling_weights(q, k, g)  # (B, C, Hkv, G, g)
+  spread = jnp.einsum("bhgqc,bchgj->bhgqcj", w_core, pw).reshape(w_core.shape[:-1] + (-1,))
+  spread = jnp.pad(spread, [(0, 0)] * 4 + [(0, n - spread.shape[-1])])
+  return (w_raw + spread).reshape(b, h, n, n)
+
+
+def cca_num_keys(seq_len: int, group_size: int, window_size: int) -> float:
+  """Mean number of keys per query row (core + window), e.g. to report the sparsity of a configuration."""
+  t = jnp.arange(seq_len)
+  c = visible_core_count(t, group_size, window_size)
+  return float(jnp.mean(c + (t + 1 - c * group_size)))
+
+

@@ -1,0 +1,106 @@
+"""Core Context Aware (CCA) attention layer (Chen et al., "Core Context Aware Transformers for Long Context
+Language Modeling", ICML 2025; code chenyaofo/CCA-Attention@052cc8e).
+
+    q, k, v = RoPE(x W_q), RoPE(x W_k), x W_v
+    k^c_p, v^c_p = sum_j softmax_j(q_{pg+g-1} . k_{pg+j} / sqrt(d)) (k, v)_{pg+j}      (core token of group p)
+    o_t = score(q_t [K^c_{p < c(t)} ; K_{c(t)g..t}]^T scale) [V^c ; V],  c(t) = max(0, floor((t+1-s)/g))
+    y = o W_o
+
+Reuses the projections/RoPE/QK-norm of the dot-product layer; supports GQA, any registered score function,
+``sink_logit`` and the output ``gate``. Sink slots (``sink_token``, ``key_bias``, ``value_bias``) and packed
+``segment_ids`` are refused: the paper defines neither (a pooled group may straddle documents).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from attnlab.attention.cca import (CCACache, cca_attention, cca_decode_step, cca_prefill, cca_weights,
+                                   check_cca_params)
+from attnlab.attention.config import AttentionConfig
+from attnlab.attention.registry import register_attention
+from attnlab.attention.variants.dot_product import OutputGate, QKVProjection
+from attnlab.layers import kernel_init
+
+
+@dataclasses.dataclass(frozen=True)
+class CCAConfig(AttentionConfig):
+  """CCA attention: ``group_size`` g tokens per core token, ``window_size`` s raw tokens of locality window
+  (s % g == 0; the paper's defaults are g = 16, s = 1024). ``block_q`` queries per block of the fast path;
+  ``remat`` recomputes blocks in the backward pass."""
+
+  group_size: int = 16
+  window_size: int = 64
+  block_q: int = 512
+  remat: bool = True
+
+  def __post_init__(self):
+    super().__post_init__()
+    check_cca_params(self.group_size, self.window_size)
+    if not self.causal:
+      raise ValueError("CCA attention is causal by construction; causal=False is not supported")
+    if self.has_sink_slot:
+      raise ValueError("CCA attention does not support sink_token/key_bias/value_bias; use sink_logit")
+    if self.sink_logit and self.score != "softmax":
+      raise ValueError(f"sink_logit needs score='softmax'; got {self.score!r}")
+    if self.block_q < 1:
+      raise ValueError(f"block_q must be >= 1; got {self.block_q}")
+
+  @property
+  def cca_kwargs(self) -> dict:
+    return dict(group_size=self.group_size, window_size=self.window_size, score=self.score, **self.score_kwargs)
+
+
+class CCAAttention(nnx.Module):
+  def __init__(self, cfg: CCAConfig, d_model: int, *, rngs: nnx.Rngs, init: str = "gpt", dtype=jnp.float32):
+    self.cfg = cfg
+    self.qkv = QKVProjection(cfg, d_model, init=init, rngs=rngs, dtype=dtype)
+    hd = self.qkv.head_dim
+    self.o = nnx.Linear(cfg.num_heads * hd, d_model, use_bias=cfg.use_bias, kernel_init=kernel_init(init),
+                        dtype=dtype, rngs=rngs)
+    self.sink_logits = nnx.Param(jnp.full((cfg.num_heads,), cfg.sink_logit_init, jnp.float32)) if cfg.sink_logit \
+        else None
+    self.gate = OutputGate(cfg.gate, d_model, cfg.num_heads, hd, init=init, rngs=rngs, dtype=dtype) if cfg.gate \
+        else None
+
+  def _sinks(self):
+    return None if self.sink_logits is None else self.sink_logits[...]
+
+  def _out(self, x, o):
+    if self.gate is not None:
+      o = self.gate(x, o)
+    return self.o(o.reshape(x.shape[0], x.shape[1], -1))
+
+  def __call__(self, x, *, positions, segment_ids=None, return_internals=False):
+    if segment_ids is not None:
+      raise ValueError("CCA attention does not support packed segment_ids (groups would straddle documents)")
+    cfg = self.cfg
+    q, k, v = self.qkv(x, positions)
+    o = cca_attention(q, k, v, sink_logits=self._sinks(), block_q=cfg.block_q, remat=cfg.remat, **cfg.cca_kwargs)
+    y = self._out(x, o)
+    aux = {}
+    if return_internals:
+      w = cca_weights(q, k, sink_logits=self._sinks(), **cfg.cca_kwargs)
+      sink_mass = 1.0 - w.sum(-1) if self.sink_logits is not None else jnp.zeros(w.shape[:-1], w.dtype)
+      aux = dict(weights=w, sink_mass=sink_mass, queries=q, keys=k, values=v)
+    return y, aux
+
+  def prefill(self, x: jax.Array, *, positions: jax.Array, max_len: int) -> tuple[jax.Array, CCACache]:
+    """Forward over a prompt (batch, n, d_model) and the compressed cache for up to ``max_len`` tokens."""
+    q, k, v = self.qkv(x, positions)
+    o, cache = cca_prefill(q, k, v, max_len=max_len, sink_logits=self._sinks(), block_q=self.cfg.block_q,
+                           **self.cfg.cca_kwargs)
+    return self._out(x, o), cache
+
+  def decode_step(self, x: jax.Array, *, positions: jax.Array, cache: CCACache) -> tuple[jax.Array, CCACache]:
+    """One token (batch, 1, d_model) at ``positions`` (batch, 1) against the compressed cache."""
+    q, k, v = self.qkv(x, positions)
+    o, cache = cca_decode_step(cache, q, k, v, sink_logits=self._sinks(), **self.cfg.cca_kwargs)
+    return self._out(x, o), cache
+
+
+register_attention("cca", CCAConfig)(CCAAttention)
