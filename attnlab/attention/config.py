@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
+
+from attnlab.attention.core import IMPLS
 
 GATES = (None, "elementwise", "headwise")
-IMPLS = ("xla", "pallas", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +35,7 @@ class AttentionConfig:
   value_bias: bool = False  # learned value slot (with a zero key unless key_bias/sink_token)
   gate: str | None = None  # sigmoid output gate: "elementwise" or "headwise" (Qiu et al. 2025)
   use_bias: bool = False  # biases in the q/k/v/o projections
+  IMPLS: ClassVar[tuple[str, ...]] = IMPLS  # the implementations this kind of layer offers (subclasses override)
   impl: str = "xla"  # attend() implementation: "xla" (dense), "pallas" (flash kernel), "auto" (kernel on GPU/TPU)
 
   def __post_init__(self):
@@ -41,8 +43,8 @@ class AttentionConfig:
     if isinstance(params, Mapping):
       params = tuple(sorted(params.items()))
     object.__setattr__(self, "score_params", tuple(tuple(p) for p in params))
-    if self.impl not in IMPLS:
-      raise ValueError(f"impl must be one of {IMPLS}; got {self.impl!r}")
+    if self.impl not in self.IMPLS:
+      raise ValueError(f"impl must be one of {self.IMPLS}; got {self.impl!r}")
     if self.gate not in GATES:
       raise ValueError(f"gate must be one of {GATES}; got {self.gate!r}")
     if self.num_heads <= 0:

@@ -49,6 +49,9 @@ class DataConfig:
   streaming: bool = False  # stream local files instead of materialising them (always on for the hub)
   shuffle_buffer: int = 1000
   heldout_every: int = 16
+  # False: attention spans the whole packed row (no segment ids, positions 0..seq_len-1; GPT-2 style), for
+  # variants whose structure has no notion of packed documents (CCA's groups are aligned to the row start).
+  document_mask: bool = True
 
   def __post_init__(self):
     object.__setattr__(self, "paths", tuple(self.paths))
@@ -196,10 +199,40 @@ class StreamIterator:
       next(self)
 
 
+class WholeRowIterator:
+  """Wraps a batch iterator so that attention is not masked at document boundaries: ``segment_ids`` becomes
+  ``None`` and positions run over the whole row. Loss masks are unchanged (no target crosses a boundary)."""
+
+  def __init__(self, inner):
+    self.inner = inner
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> Batch:
+    batch = dict(next(self.inner))
+    batch["segment_ids"] = None
+    batch["positions"] = np.broadcast_to(np.arange(batch["inputs"].shape[1], dtype=np.int32),
+                                         batch["inputs"].shape).copy()
+    return batch
+
+  def get_state(self) -> dict:
+    return self.inner.get_state()
+
+  def set_state(self, state: dict) -> None:
+    self.inner.set_state(state)
+
+
 def make_dataset(cfg: DataConfig, *, split: str = "train", seq_len: int | None = None, process_index: int = 0,
                  process_count: int = 1, tokenizer=None):
   """The batch iterator of ``cfg`` for ``split`` ("train" or "validation"); ``seq_len`` overrides the config's
   (length-extrapolation evaluation). Processes with distinct ``process_index`` read disjoint rows."""
+  it = _make_iterator(cfg, split=split, seq_len=seq_len, process_index=process_index, process_count=process_count,
+                      tokenizer=tokenizer)
+  return it if cfg.document_mask else WholeRowIterator(it)
+
+
+def _make_iterator(cfg: DataConfig, *, split, seq_len, process_index, process_count, tokenizer):
   if split not in _SPLIT_IDS:
     raise ValueError(f"split must be 'train' or 'validation'; got {split!r}")
   if not 0 <= process_index < process_count:

@@ -25,8 +25,10 @@ def passkey_accuracy(graphdef, params, rest, tokenizer, *, lengths, num_examples
     batches = []
     for s in range(0, num_examples, batch_size):
       tok = np.stack([t for t, _ in ex[s:s + batch_size]])
-      batches.append(rows_to_batch(tok, (tok != tokenizer.pad_id).astype(np.int32),
-                                   np.stack([m for _, m in ex[s:s + batch_size]])))
+      batch = rows_to_batch(tok, (tok != tokenizer.pad_id).astype(np.int32),
+                            np.stack([m for _, m in ex[s:s + batch_size]]))
+      batch["segment_ids"] = None  # one document per row, right-padded: causal attention needs no segment mask
+      batches.append(batch)
     out = evaluate_batches(graphdef, params, rest, batches, tokenizer.byte_lengths())
     rows.append({"seq_len": L, "accuracy": out["example_accuracy"], "digit_accuracy": out["accuracy"],
                  "examples": num_examples})

@@ -31,7 +31,9 @@ def split_model(model: nnx.Module):
 
 def forward(graphdef, params, rest, batch, *, return_aux=True):
   """Runs the model on a batch; returns (logits, aux, rest after the forward)."""
-  model = nnx.merge(graphdef, params, rest)
+  # copy=True: fresh Variables owned by this trace, so the forward may update non-Param state (e.g. routing's
+  # k-means EMA) inside jax.value_and_grad.
+  model = nnx.merge(graphdef, params, rest, copy=True)
   logits, aux = model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"],
                       return_aux=return_aux)
   _, _, new_rest = split_model(model)

@@ -24,9 +24,6 @@ from attnlab.attention.lightning import (DECAYS, lightning_chunked, lightning_na
 from attnlab.attention.registry import register_attention
 from attnlab.layers import apply_rope, kernel_init
 
-IMPLS = ("chunked", "naive", "pallas")
-
-
 @dataclasses.dataclass(frozen=True)
 class LightningConfig(AttentionConfig):
   """Lightning (TNL) attention. Base fields used: num_heads, head_dim, rope (default off: TNL has no RoPE),
@@ -41,14 +38,13 @@ class LightningConfig(AttentionConfig):
   lrpe_base: float = 10_000.0
   scaled: bool = False  # q *= 1/sqrt(d) (fla's default); TNL uses no scale
   norm_eps: float = 1e-6  # SRMSNorm epsilon
+  IMPLS = ("chunked", "naive", "pallas")
   impl: str = "chunked"  # "chunked" (jnp), "naive" (dense, O(n^2)) or "pallas" (kernels_pallas.lightning)
 
   def __post_init__(self):
     super().__post_init__()
     if self.decay not in DECAYS:
       raise ValueError(f"decay must be one of {DECAYS}; got {self.decay!r}")
-    if self.impl not in IMPLS:
-      raise ValueError(f"impl must be one of {IMPLS}; got {self.impl!r}")
     if self.block_size <= 0:
       raise ValueError(f"block_size must be positive; got {self.block_size}")
     if (self.layer is None) != (self.num_layers is None):

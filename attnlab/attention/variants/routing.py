@@ -104,7 +104,7 @@ class RoutingAttention(nnx.Module):
       mu = layer_norm(jax.random.normal(rngs.params(), (hr, cfg.num_clusters, hd)))  # google-research: LN(N(0, 1))
       self.centroids = KMeansState(mu)
       self.ema_count = KMeansState(jnp.ones((hr, cfg.num_clusters), jnp.float32))  # the init counts as 1 sample
-      self.ema_sum = KMeansState(mu)
+      self.ema_sum = KMeansState(jnp.array(mu, copy=True))  # own buffer: the train step donates both
     else:
       self.centroids = self.ema_count = self.ema_sum = None
 
