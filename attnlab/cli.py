@@ -5,11 +5,17 @@
     attnlab demo  [--workdir DIR] [--gin.KEY=VALUE ...]                  (experiments/demo.gin)
 
 Re-running ``train`` with the same workdir resumes from the newest checkpoint; SIGTERM/SIGINT save and exit.
+
+Multi-process runs start ``jax.distributed`` before anything else, from (later wins) gin
+(``DistributedConfig.*``), the environment (``ATTNLAB_COORDINATOR``, ``ATTNLAB_NUM_PROCESSES``,
+``ATTNLAB_PROCESS_ID``) and ``--coordinator/--num_processes/--process_id``; ``--distributed_auto`` lets JAX
+detect a TPU pod / SLURM / Open MPI job. Every process runs the same command.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import sys
@@ -43,18 +49,41 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=name != "demo", default="runs/demo" if name == "demo" else None)
     if name != "eval":
       p.add_argument("--force", action="store_true", help="resume even if the workdir holds another config")
+    g = p.add_argument_group("multi-process (jax.distributed)")
+    g.add_argument("--coordinator", help="host:port of process 0")
+    g.add_argument("--num_processes", type=int)
+    g.add_argument("--process_id", type=int)
+    g.add_argument("--distributed_auto", action="store_true", help="detect the cluster (TPU pod, SLURM, Open MPI)")
   return parser
+
+
+def _start_distributed(args) -> None:
+  """``jax.distributed.initialize`` from gin < environment < flags; must precede every other JAX call."""
+  from attnlab.configs import build_distributed
+  from attnlab.parallel.distributed import DistributedConfig, initialize
+
+  cfg = DistributedConfig.from_env(build_distributed())
+  flags = {"coordinator_address": args.coordinator, "num_processes": args.num_processes,
+           "process_id": args.process_id, "auto": args.distributed_auto or None}
+  initialize(dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None}))
 
 
 def _train(args, bindings: list[str], gin_files: list[str]) -> int:
   from attnlab.configs import build_experiment, parse_gin, write_run_configs
   from attnlab.train.loop import check_workdir, train
 
+  import jax
+
   parse_gin(gin_files, bindings, search_paths=args.gin_search_path)
+  _start_distributed(args)
   cfg = build_experiment()
   check_workdir(args.workdir, cfg, force=args.force)
-  write_run_configs(args.workdir, f"# attnlab {args.command} {' '.join(shlex.quote(a) for a in sys.argv[2:])}\n\n")
+  main = jax.process_index() == 0
+  if main:
+    write_run_configs(args.workdir, f"# attnlab {args.command} {' '.join(shlex.quote(a) for a in sys.argv[2:])}\n\n")
   result = train(cfg, args.workdir, force=args.force)
+  if not main:
+    return 0
   last = result.history[-1] if result.history else {}
   print(f"{result.status} at step {result.step}" + (f", loss {last['loss']:.4f}" if last else "") +
         f"; workdir {os.path.abspath(args.workdir)}")
@@ -69,6 +98,7 @@ def _eval(args, bindings: list[str]) -> int:
 
   files = args.gin_file or [os.path.join(args.workdir, "config.gin")]
   parse_gin(files, bindings, search_paths=args.gin_search_path)
+  _start_distributed(args)
   result = evaluate_workdir(build_experiment(), args.workdir)
   print(result["length_extrapolation_table"])
   for row in result.get("passkey", []):
