@@ -3,6 +3,8 @@
     attnlab train --gin_file experiments/X.gin [--gin_file more.gin] [--gin.KEY=VALUE ...] --workdir DIR [--force]
     attnlab eval  --workdir DIR [--gin_file ...] [--gin.KEY=VALUE ...]   (defaults to DIR/config.gin)
     attnlab demo  [--workdir DIR] [--gin.KEY=VALUE ...]                  (experiments/demo.gin)
+    attnlab compile --topology v5e:2x2 --gin_file experiments/X.gin [--gin.KEY=VALUE ...]
+                  (AOT-compile the sharded train step for a TPU topology here; prints memory per device)
 
 Re-running ``train`` with the same workdir resumes from the newest checkpoint; SIGTERM/SIGINT save and exit.
 
@@ -41,8 +43,16 @@ def _parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest="command", required=True)
   for name, help_ in (("train", "train (or resume) a run in --workdir"),
                       ("eval", "evaluate the newest checkpoint of --workdir into eval.json"),
-                      ("demo", "train the tiny byte-level LM on the embedded corpus (a few minutes on CPU)")):
+                      ("demo", "train the tiny byte-level LM on the embedded corpus (a few minutes on CPU)"),
+                      ("compile", "AOT-compile the train step for a TPU topology and print memory per device")):
     p = sub.add_parser(name, help=help_)
+    if name == "compile":
+      p.add_argument("--topology", required=True, help="e.g. v5e:2x2, v5e:4x4, v5p:2x2x2, v4:2x2x2")
+      p.add_argument("--platform", default="tpu")
+      p.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable; later files win)")
+      p.add_argument("--gin_bindings", action="append", default=[], help="a gin binding 'KEY = VALUE'")
+      p.add_argument("--gin_search_path", action="append", default=[], help="directory for gin includes")
+      continue
     p.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable; later files win)")
     p.add_argument("--gin_bindings", action="append", default=[], help="a gin binding 'KEY = VALUE'")
     p.add_argument("--gin_search_path", action="append", default=[], help="directory for gin includes")
@@ -92,6 +102,20 @@ def _train(args, bindings: list[str], gin_files: list[str]) -> int:
   return 0
 
 
+def _compile(args, bindings: list[str]) -> int:
+  from attnlab.configs import build_experiment, parse_gin
+  from attnlab.parallel.aot import compile_train_step
+
+  parse_gin(args.gin_file, bindings, search_paths=args.gin_search_path)
+  try:
+    report = compile_train_step(build_experiment(), args.topology, platform=args.platform)
+  except RuntimeError as e:
+    print(f"attnlab compile: error: {e}", file=sys.stderr)
+    return 1
+  print(report.format())
+  return 0
+
+
 def _eval(args, bindings: list[str]) -> int:
   from attnlab.configs import build_experiment, parse_gin
   from attnlab.eval.run import evaluate_workdir
@@ -119,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
   try:
     if args.command == "eval":
       return _eval(args, bindings)
+    if args.command == "compile":
+      if not args.gin_file:
+        raise ConfigError("give at least one --gin_file")
+      return _compile(args, bindings)
     files = args.gin_file
     if args.command == "demo":
       files = [os.path.join(gin_layer.REPO_ROOT, "experiments", "demo.gin"), *files]

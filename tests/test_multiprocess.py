@@ -83,3 +83,19 @@ def test_two_processes_match_one_and_resume_on_another_mesh(two_process_run):
   resumed = train(dataclasses.replace(ref, mesh=MeshConfig(data=2, tensor=2)), workdir, force=True)
   assert [h["step"] for h in resumed.history] == [3] and resumed.step == 3
   np.testing.assert_allclose(resumed.history[0]["loss"], ref_losses[2], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_aot_compile_for_a_tpu_topology(tmp_path):
+  """``attnlab compile --topology v5e:2x2`` on this CPU machine (needs libtpu: ``pip install 'attnlab[tpu]'``)."""
+  import importlib.util
+  if importlib.util.find_spec("libtpu") is None:
+    pytest.skip("libtpu is not installed (pip install 'attnlab[tpu]')")
+  cmd = [sys.executable, "-m", "attnlab.cli", "compile", "--topology", "v5e:2x2", "--gin_file",
+         "experiments/smoke_tiny.gin", "--gin.MeshConfig.data=1", "--gin.MeshConfig.fsdp=2",
+         "--gin.MeshConfig.tensor=2"]
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]), JAX_PLATFORMS="cpu")
+  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+  assert out.returncode == 0, out.stderr[-4000:]
+  assert "4 devices on 1 host(s)" in out.stdout and "mesh {'data': 1, 'fsdp': 2, 'tensor': 2}" in out.stdout
+  assert "temporaries" in out.stdout

@@ -29,7 +29,7 @@ class CompileReport:
 
   def format(self) -> str:
     m = self.memory
-    gib = lambda b: f"{b / 2**30:.3f} GiB"
+    gib = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.2f} MiB"
     total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
     return "\n".join([
         f"topology {self.topology}: {self.num_devices} devices on {self.num_hosts} host(s), mesh {self.mesh}, "
