@@ -103,6 +103,10 @@ def _train(args, bindings: list[str], gin_files: list[str]) -> int:
 
 
 def _compile(args, bindings: list[str]) -> int:
+  # Compile only: JAX itself stays on the CPU (no accelerator is claimed, also on a TPU VM), and libtpu may be
+  # loaded by several such processes at once (otherwise they collide on /tmp/libtpu_lockfile).
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from attnlab.configs import build_experiment, parse_gin
   from attnlab.parallel.aot import compile_train_step
 

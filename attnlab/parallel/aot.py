@@ -70,6 +70,9 @@ def compile_train_step(cfg, topology: str, *, platform: str = "tpu", rules=DEFAU
   shardings = state_shardings(abstract, mesh, rules)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   rows, seq = cfg.data.batch_size * hosts, cfg.data.seq_len
+  if rows % (mesh.shape["data"] * mesh.shape["fsdp"]):
+    raise ValueError(f"the global batch ({cfg.data.batch_size} per host × {hosts} hosts = {rows}) does not split "
+                     f"over the mesh's data-parallel axes {dict(mesh.shape)}")
   bsh = batch_sharding(mesh, rules)
   batch = {k: jax.ShapeDtypeStruct((rows, seq), dt, sharding=bsh) for k, dt in
            (("inputs", jnp.int32), ("positions", jnp.int32), ("segment_ids", jnp.int32), ("targets", jnp.int32),
