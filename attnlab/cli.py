@@ -3,13 +3,21 @@
     attnlab train --gin_file experiments/X.gin [--gin_file more.gin] [--gin.KEY=VALUE ...] --workdir DIR [--force]
     attnlab eval  --workdir DIR [--gin_file ...] [--gin.KEY=VALUE ...]   (defaults to DIR/config.gin)
     attnlab demo  [--workdir DIR] [--gin.KEY=VALUE ...]                  (experiments/demo.gin)
+    attnlab compile --topology v5e:2x2 --gin_file experiments/X.gin [--gin.KEY=VALUE ...]
+                  (AOT-compile the sharded train step for a TPU topology here; prints memory per device)
 
 Re-running ``train`` with the same workdir resumes from the newest checkpoint; SIGTERM/SIGINT save and exit.
+
+Multi-process runs start ``jax.distributed`` before anything else, from (later wins) gin
+(``DistributedConfig.*``), the environment (``ATTNLAB_COORDINATOR``, ``ATTNLAB_NUM_PROCESSES``,
+``ATTNLAB_PROCESS_ID``) and ``--coordinator/--num_processes/--process_id``; ``--distributed_auto`` lets JAX
+detect a TPU pod / SLURM / Open MPI job. Every process runs the same command.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import sys
@@ -35,31 +43,80 @@ def _parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest="command", required=True)
   for name, help_ in (("train", "train (or resume) a run in --workdir"),
                       ("eval", "evaluate the newest checkpoint of --workdir into eval.json"),
-                      ("demo", "train the tiny byte-level LM on the embedded corpus (a few minutes on CPU)")):
+                      ("demo", "train the tiny byte-level LM on the embedded corpus (a few minutes on CPU)"),
+                      ("compile", "AOT-compile the train step for a TPU topology and print memory per device")):
     p = sub.add_parser(name, help=help_)
+    if name == "compile":
+      p.add_argument("--topology", required=True, help="e.g. v5e:2x2, v5e:4x4, v5p:2x2x2, v4:2x2x2")
+      p.add_argument("--platform", default="tpu")
+      p.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable; later files win)")
+      p.add_argument("--gin_bindings", action="append", default=[], help="a gin binding 'KEY = VALUE'")
+      p.add_argument("--gin_search_path", action="append", default=[], help="directory for gin includes")
+      continue
     p.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable; later files win)")
     p.add_argument("--gin_bindings", action="append", default=[], help="a gin binding 'KEY = VALUE'")
     p.add_argument("--gin_search_path", action="append", default=[], help="directory for gin includes")
     p.add_argument("--workdir", required=name != "demo", default="runs/demo" if name == "demo" else None)
     if name != "eval":
       p.add_argument("--force", action="store_true", help="resume even if the workdir holds another config")
+    g = p.add_argument_group("multi-process (jax.distributed)")
+    g.add_argument("--coordinator", help="host:port of process 0")
+    g.add_argument("--num_processes", type=int)
+    g.add_argument("--process_id", type=int)
+    g.add_argument("--distributed_auto", action="store_true", help="detect the cluster (TPU pod, SLURM, Open MPI)")
   return parser
+
+
+def _start_distributed(args) -> None:
+  """``jax.distributed.initialize`` from gin < environment < flags; must precede every other JAX call."""
+  from attnlab.configs import build_distributed
+  from attnlab.parallel.distributed import DistributedConfig, initialize
+
+  cfg = DistributedConfig.from_env(build_distributed())
+  flags = {"coordinator_address": args.coordinator, "num_processes": args.num_processes,
+           "process_id": args.process_id, "auto": args.distributed_auto or None}
+  initialize(dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None}))
 
 
 def _train(args, bindings: list[str], gin_files: list[str]) -> int:
   from attnlab.configs import build_experiment, parse_gin, write_run_configs
   from attnlab.train.loop import check_workdir, train
 
+  import jax
+
   parse_gin(gin_files, bindings, search_paths=args.gin_search_path)
+  _start_distributed(args)
   cfg = build_experiment()
   check_workdir(args.workdir, cfg, force=args.force)
-  write_run_configs(args.workdir, f"# attnlab {args.command} {' '.join(shlex.quote(a) for a in sys.argv[2:])}\n\n")
+  main = jax.process_index() == 0
+  if main:
+    write_run_configs(args.workdir, f"# attnlab {args.command} {' '.join(shlex.quote(a) for a in sys.argv[2:])}\n\n")
   result = train(cfg, args.workdir, force=args.force)
+  if not main:
+    return 0
   last = result.history[-1] if result.history else {}
   print(f"{result.status} at step {result.step}" + (f", loss {last['loss']:.4f}" if last else "") +
         f"; workdir {os.path.abspath(args.workdir)}")
   if result.eval and result.eval.get("heldout"):
     print(result.eval["length_extrapolation_table"])
+  return 0
+
+
+def _compile(args, bindings: list[str]) -> int:
+  # Compile only: JAX itself stays on the CPU (no accelerator is claimed, also on a TPU VM), and libtpu may be
+  # loaded by several such processes at once (otherwise they collide on /tmp/libtpu_lockfile).
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  from attnlab.configs import build_experiment, parse_gin
+  from attnlab.parallel.aot import compile_train_step
+
+  parse_gin(args.gin_file, bindings, search_paths=args.gin_search_path)
+  try:
+    report = compile_train_step(build_experiment(), args.topology, platform=args.platform)
+  except RuntimeError as e:
+    print(f"attnlab compile: error: {e}", file=sys.stderr)
+    return 1
+  print(report.format())
   return 0
 
 
@@ -69,6 +126,7 @@ def _eval(args, bindings: list[str]) -> int:
 
   files = args.gin_file or [os.path.join(args.workdir, "config.gin")]
   parse_gin(files, bindings, search_paths=args.gin_search_path)
+  _start_distributed(args)
   result = evaluate_workdir(build_experiment(), args.workdir)
   print(result["length_extrapolation_table"])
   for row in result.get("passkey", []):
@@ -89,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
   try:
     if args.command == "eval":
       return _eval(args, bindings)
+    if args.command == "compile":
+      if not args.gin_file:
+        raise ConfigError("give at least one --gin_file")
+      return _compile(args, bindings)
     files = args.gin_file
     if args.command == "demo":
       files = [os.path.join(gin_layer.REPO_ROOT, "experiments", "demo.gin"), *files]

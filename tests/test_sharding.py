@@ -1,51 +1,45 @@
-"""Sharded (DP / FSDP / TP over 8 virtual CPU devices) forward+backward+update equals the unsharded one."""
+"""The harness train step sharded over 8 virtual CPU devices (DP / FSDP / TP) equals the unsharded one."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
 from attnlab import AttentionConfig, DecoderLM, ModelConfig
-from attnlab.parallel import MeshConfig, global_batch, logical_to_spec, make_mesh, shard_module, state_shardings
+from attnlab.data.pipeline import DataConfig, make_dataset
+from attnlab.parallel import MeshConfig, data_shard, logical_to_spec, make_mesh, state_shardings
+from attnlab.train import ExperimentConfig, OptimizerConfig, TrainConfig
+from attnlab.train.loop import build_sharded_state, build_state, data_layout
+from attnlab.train.step import MODEL_INPUTS, ShardedStep, train_step_fn
 
-CFG = ModelConfig(vocab_size=64, d_model=32, num_layers=2, attention=AttentionConfig(num_heads=4, num_kv_heads=4))
-TX = optax.adamw(1e-2)
-
-
-def train_step(graphdef, params, opt_state, tokens):
-  def loss_fn(p):
-    logits = nnx.merge(graphdef, p)(tokens[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
-
-  loss, grads = jax.value_and_grad(loss_fn)(params)
-  updates, opt_state = TX.update(grads, opt_state, params)
-  return loss, optax.apply_updates(params, updates), opt_state
-
-
-STEP = jax.jit(train_step, static_argnums=0)
+P = jax.sharding.PartitionSpec
+CFG = ExperimentConfig(
+    model=ModelConfig(vocab_size=259, d_model=32, num_layers=2, max_seq_len=16,
+                      attention=AttentionConfig(num_heads=4, num_kv_heads=4)),
+    data=DataConfig(seq_len=16, batch_size=8),
+    optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=1),
+    train=TrainConfig(steps=2))
+KEYS = MODEL_INPUTS + ("targets", "loss_mask")
 
 
 def run(mesh_cfg: MeshConfig | None, steps=2):
-  model = DecoderLM(CFG, rngs=nnx.Rngs(0))
-  tokens = np.asarray(jax.random.randint(jax.random.key(1), (8, 9), 0, 64))
-  if mesh_cfg is not None:
-    mesh = make_mesh(mesh_cfg)
-    shard_module(model, mesh)
-    batch = global_batch(tokens, mesh)
-  else:
-    batch = jnp.asarray(tokens)
-  graphdef, params = nnx.split(model, nnx.Param)
-  placed = params["blocks"][0]["attn"]["qkv"]["q"]["kernel"].sharding
-  opt_state = TX.init(params)
+  cfg = dataclasses.replace(CFG, mesh=mesh_cfg or MeshConfig(data=1))
+  mesh, _, _ = data_layout(cfg)
+  graphdef, _, state = build_state(cfg) if mesh is None else build_sharded_state(cfg, mesh)
+  step = train_step_fn(graphdef, cfg.optimizer, cfg.train.steps, 0.0, 1, mesh)
+  assert isinstance(step, ShardedStep) == (mesh is not None)
+  data = make_dataset(cfg.data)
+  placed = state["params"]["blocks"][0]["attn"]["qkv"]["q"]["kernel"].sharding
   losses = []
   for _ in range(steps):
-    loss, params, opt_state = STEP(graphdef, params, opt_state, batch)
-    losses.append(float(loss))
-  return losses, params, placed
+    batch = {k: v for k, v in next(data).items() if k in KEYS}
+    state, metrics = step(state, batch if mesh is None else jax.device_put(batch, step.shardings(state)[1]))
+    losses.append(float(metrics["loss"]))
+  return losses, state, placed
 
 
 @pytest.fixture(scope="module")
@@ -55,27 +49,32 @@ def unsharded():
 
 @pytest.mark.parametrize("mesh_cfg", [MeshConfig(data=8), MeshConfig(data=2, fsdp=4), MeshConfig(data=2, tensor=4),
                                       MeshConfig(data=1, fsdp=2, tensor=4)], ids=["dp", "fsdp", "tp", "fsdp_tp"])
-def test_sharded_step_matches_unsharded(unsharded, mesh_cfg):
+def test_sharded_harness_step_matches_unsharded(unsharded, mesh_cfg):
   assert len(jax.devices()) == 8
-  losses, params, placed = run(mesh_cfg)
-  ref_losses, ref_params, _ = unsharded
+  losses, state, placed = run(mesh_cfg)
+  ref_losses, ref_state, _ = unsharded
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state)):  # params, optimizer state, step
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
-  # The parameters really are sharded as the rules say.
-  assert placed.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  # Parameters and their Adam moments really are sharded as the rules say.
+  assert placed.spec == P("fsdp", "tensor")
+  mu = state["opt_state"][1][0].mu["blocks"][0]["attn"]["qkv"]["q"]["kernel"]
+  assert mu.get_value().sharding.spec == P("fsdp", "tensor")
 
 
 def test_parameter_specs_follow_the_rules_table():
-  model = DecoderLM(CFG, rngs=nnx.Rngs(0))
+  model = DecoderLM(CFG.model, rngs=nnx.Rngs(0))
   mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
   sh = state_shardings(nnx.state(model, nnx.Param), mesh)
-  assert sh["embed"]["embedding"].spec == jax.sharding.PartitionSpec("tensor", "fsdp")
-  assert sh["blocks"][0]["mlp"]["down"]["kernel"].spec == jax.sharding.PartitionSpec("tensor", "fsdp")
-  assert sh["blocks"][0]["attn_norm"]["scale"].spec == jax.sharding.PartitionSpec()
+  # vocab 259 does not divide over tensor=2: that dimension is replicated, the embed one stays on fsdp.
+  assert sh["embed"]["embedding"].spec == P(None, "fsdp")
+  assert sh["blocks"][0]["mlp"]["down"]["kernel"].spec == P("tensor", "fsdp")
+  assert sh["blocks"][0]["attn_norm"]["scale"].spec == P()
 
 
-def test_mesh_and_rules_errors():
+def test_data_shard_and_mesh_errors():
+  assert data_shard(make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))) == (0, 1)  # one process holds every row
+  assert make_mesh(MeshConfig(data=1, tensor=2)).size == 2  # a subset of the devices (single process)
   with pytest.raises(ValueError, match="needs 12 devices"):
     MeshConfig(data=3, fsdp=4).shape(8)
   with pytest.raises(ValueError, match="at most one mesh axis"):
@@ -84,3 +83,5 @@ def test_mesh_and_rules_errors():
     MeshConfig(data=-1, tensor=3).shape(8)
   with pytest.raises(ValueError, match="have no rule"):
     logical_to_spec(("embed", "experts"))
+  with pytest.raises(ValueError, match="does not split over"):
+    data_layout(dataclasses.replace(CFG, data=dataclasses.replace(CFG.data, batch_size=6)))

@@ -6,7 +6,8 @@ Library code never imports gin. Every frozen config dataclass is registered unde
 time (variants added later register themselves); every synthetic task config (``PasskeyConfig``, ...).
 """
 
-from attnlab.configs.gin_layer import ConfigError, build_experiment, parse_gin, register_configurables, \
-  write_run_configs
+from attnlab.configs.gin_layer import ConfigError, build_distributed, build_experiment, parse_gin, \
+  register_configurables, write_run_configs
 
-__all__ = ["ConfigError", "build_experiment", "parse_gin", "register_configurables", "write_run_configs"]
+__all__ = ["ConfigError", "build_distributed", "build_experiment", "parse_gin", "register_configurables",
+           "write_run_configs"]

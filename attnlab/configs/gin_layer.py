@@ -14,12 +14,14 @@ from attnlab.data import synthetic
 from attnlab.data.pipeline import DataConfig
 from attnlab.eval.config import EvalConfig
 from attnlab.model.config import ModelConfig
+from attnlab.parallel.distributed import DistributedConfig
+from attnlab.parallel.mesh import MeshConfig
 from attnlab.train.config import OptimizerConfig, TrainConfig
 from attnlab.train.experiment import ExperimentConfig
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PARTS = {"model": ModelConfig, "data": DataConfig, "optimizer": OptimizerConfig, "train": TrainConfig,
-         "eval": EvalConfig}
+         "eval": EvalConfig, "mesh": MeshConfig}
 _REGISTERED: dict[str, type] = {}
 _WRAPPED: dict[type, object] = {}
 
@@ -40,7 +42,7 @@ def _attention_classes() -> list[type]:
 
 def register_configurables() -> None:
   """Registers (idempotently) every config class with gin under its class name."""
-  for cls in [*PARTS.values(), *_attention_classes(), *synthetic.task_config_classes()]:
+  for cls in [*PARTS.values(), DistributedConfig, *_attention_classes(), *synthetic.task_config_classes()]:
     name = cls.__name__
     if name in _REGISTERED:
       if _REGISTERED[name] is not cls:
@@ -74,6 +76,15 @@ def _unused_bindings() -> list[str]:
   used = {(scope, selector, param) for (scope, selector), params in gin.config._OPERATIVE_CONFIG.items()
           for param in params}
   return sorted(f"{(s + '/') if s else ''}{sel.split('.')[-1]}.{p}" for s, sel, p in bound - used)
+
+
+def build_distributed() -> DistributedConfig:
+  """The ``DistributedConfig`` bound in gin (``DistributedConfig.coordinator_address = '10.0.0.1:1234'``, ...).
+  Build it before :func:`build_experiment` (it is not part of the experiment: it says where this process runs)."""
+  try:
+    return _WRAPPED[DistributedConfig]()
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"invalid DistributedConfig: {e}") from e
 
 
 def build_experiment() -> ExperimentConfig:

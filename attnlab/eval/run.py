@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+import jax
+
 from attnlab.data.tokenizer import make_tokenizer
 from attnlab.eval import extrapolation
 from attnlab.eval.passkey import passkey_accuracy
@@ -16,7 +18,8 @@ def run_evaluation(exp_cfg, eval_graphdef, params, rest, workdir: str, *, step: 
   rows = extrapolation.length_extrapolation(exp_cfg, eval_graphdef, params, rest, tokenizer)
   result = {"step": step, "heldout": next((r for r in rows if r.get("factor") == 1 and "skipped" not in r), None),
             "length_extrapolation": rows, "length_extrapolation_table": extrapolation.format_table(rows)}
-  png = extrapolation.plot(rows, os.path.join(workdir, "length_extrapolation.png"))
+  main = jax.process_index() == 0  # every process evaluates (the arrays may be sharded); process 0 writes
+  png = extrapolation.plot(rows, os.path.join(workdir, "length_extrapolation.png")) if main else None
   if png:
     result["length_extrapolation_plot"] = os.path.basename(png)
   ecfg = exp_cfg.eval
@@ -26,6 +29,8 @@ def run_evaluation(exp_cfg, eval_graphdef, params, rest, workdir: str, *, step: 
                                          max_seq_len=exp_cfg.model.max_seq_len,
                                          batch_size=ecfg.batch_size or exp_cfg.data.batch_size)
   path = os.path.join(workdir, "eval.json")
+  if not main:
+    return result
   with open(path + ".tmp", "w") as f:
     json.dump(result, f, indent=2)
   os.replace(path + ".tmp", path)

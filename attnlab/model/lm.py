@@ -15,6 +15,7 @@ import attnlab.attention.variants  # noqa: F401  (registers every attention kind
 from attnlab.attention.registry import attention_module_for
 from attnlab.layers import MLP, embed_init, kernel_init, make_norm
 from attnlab.model.config import ModelConfig
+from attnlab.parallel.sharding import constrain
 
 
 class Block(nnx.Module):
@@ -58,18 +59,19 @@ class DecoderLM(nnx.Module):
       raise ValueError(f"sequence length {tokens.shape[1]} exceeds the model's max_seq_len {self.cfg.max_seq_len}")
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    h = self.embed(tokens)
+    h = constrain(self.embed(tokens), ("batch", "seq", None))  # logical activation axes (no-op without a mesh)
     aux_loss = jnp.zeros((), jnp.float32)
     hidden, layers = [h], []
     for block in self.blocks:
       h, aux = block(h, tokens=tokens, positions=positions, segment_ids=segment_ids, return_internals=return_internals)
+      h = constrain(h, ("batch", "seq", None))
       aux_loss = aux_loss + aux.pop("aux_loss", 0.0)
       if return_internals:
         hidden.append(h)
         layers.append(aux)
     h = self.final_norm(h)
     logits = self.embed.attend(h) if self.head is None else self.head(h)
-    logits = logits.astype(jnp.float32)
+    logits = constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
     if not (return_aux or return_internals):
       return logits
     out: dict[str, Any] = {"aux_loss": aux_loss}

@@ -15,7 +15,9 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Sizes of the mesh axes; one of them may be -1 (inferred from the device count)."""
+  """Sizes of the mesh axes; one of them may be -1 (inferred from the device count). The default puts every
+  device on ``data`` (pure data parallelism; one device -> the plain unsharded step). Fixed sizes whose product
+  is smaller than the device count use the first devices (single-process runs only, e.g. ``data = 1``)."""
 
   data: int = -1
   fsdp: int = 1
@@ -32,7 +34,7 @@ class MeshConfig:
       if num_devices % known:
         raise ValueError(f"{num_devices} devices cannot be split into a mesh with fixed axes {self}")
       sizes[sizes.index(-1)] = num_devices // known
-    if math.prod(sizes) != num_devices:
+    if math.prod(sizes) > num_devices:
       raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices; {num_devices} exist")
     return tuple(sizes)
 
@@ -42,4 +44,9 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices=None) -> Mesh:
   XLA propagates shardings from the annotated parameters and batch."""
   devices = jax.devices() if devices is None else list(devices)
   shape = cfg.shape(len(devices))
+  if math.prod(shape) < len(devices):
+    if jax.process_count() > 1:
+      raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} leaves devices out; in a multi-process run it must "
+                       f"cover all {len(devices)} devices (use -1 on one axis)")
+    devices = devices[:math.prod(shape)]
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))

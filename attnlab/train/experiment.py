@@ -7,6 +7,7 @@ import dataclasses
 from attnlab.data.pipeline import DataConfig
 from attnlab.eval.config import EvalConfig
 from attnlab.model.config import ModelConfig
+from attnlab.parallel.mesh import MeshConfig
 from attnlab.train.config import OptimizerConfig, TrainConfig
 
 
@@ -19,6 +20,9 @@ class ExperimentConfig:
   optimizer: OptimizerConfig = OptimizerConfig()
   train: TrainConfig = TrainConfig()
   eval: EvalConfig = EvalConfig()
+  # How the run is laid out on devices, not what it computes: left out of the run record (repr) and equality,
+  # so a run may resume on another mesh.
+  mesh: MeshConfig = dataclasses.field(default=MeshConfig(), repr=False, compare=False)
 
   def __post_init__(self):
     if self.data.seq_len > self.model.max_seq_len:

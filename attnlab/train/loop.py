@@ -2,6 +2,12 @@
 
 Host/device overlap: step ``s + 1`` is dispatched before the metrics of step ``s`` are fetched, so the host never
 waits for the device except at checkpoints (whose step must be known finite first) and evaluations.
+
+Sharding and multiple processes: the mesh comes from ``cfg.mesh``. A one-device, one-process mesh runs the plain
+jitted step (unchanged, bit-identical); otherwise the state is created directly in its sharded layout
+(``jit`` with ``out_shardings``), each process reads its own slice of the global batch (``data_shard``) and the
+batches are assembled with ``jax.make_array_from_process_local_data``. Every process runs the loop and writes its
+part of each orbax checkpoint; only process 0 writes metrics, TensorBoard, the progress bar and run records.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from attnlab.eval.extrapolation import heldout_batches
 from attnlab.eval.lm_eval import evaluate_batches
 from attnlab.eval.run import run_evaluation
 from attnlab.model.lm import DecoderLM
+from attnlab.parallel.mesh import make_mesh
+from attnlab.parallel.sharding import DEFAULT_RULES, data_shard, global_batch, state_shardings
 from attnlab.train.checkpoint import Checkpointer
 from attnlab.train.experiment import ExperimentConfig
 from attnlab.train.metrics import MetricsWriter, matmul_flops_per_token, measure_matmul_peak
@@ -50,18 +58,54 @@ def build_state(cfg: ExperimentConfig):
   return init_state(model, cfg.optimizer, cfg.train.steps)
 
 
+def build_sharded_state(cfg: ExperimentConfig, mesh, rules=DEFAULT_RULES):
+  """Like :func:`build_state`, but every array is created directly in its rules-given sharding on ``mesh`` (no
+  process ever holds the whole unsharded state; every scalar is a replicated global array, as orbax needs)."""
+  graphdefs = {}
+
+  def create():
+    graphdef, eval_graphdef, state = build_state(cfg)
+    graphdefs.update(train=graphdef, eval=eval_graphdef)
+    return state
+
+  shardings = state_shardings(jax.eval_shape(create), mesh, rules)
+  state = jax.jit(create, out_shardings=shardings)()
+  return graphdefs["train"], graphdefs["eval"], state
+
+
+def data_layout(cfg: ExperimentConfig):
+  """(mesh or None, this process's batch-slice index, number of slices). ``None``: one device, one process: the
+  plain unsharded step."""
+  mesh = make_mesh(cfg.mesh)
+  if mesh.size == 1 and jax.process_count() == 1:
+    return None, 0, 1
+  index, count = data_shard(mesh)
+  per_slice = mesh.shape["data"] * mesh.shape["fsdp"] // count
+  if cfg.data.batch_size % per_slice:
+    raise ValueError(f"DataConfig.batch_size ({cfg.data.batch_size} per process) does not split over this process's "
+                     f"{per_slice} data-parallel devices (mesh {dict(mesh.shape)}); change the batch size or "
+                     "MeshConfig (e.g. MeshConfig.data = 1 for a single device)")
+  return mesh, index, count
+
+
 def check_workdir(workdir: str, cfg: ExperimentConfig, *, force: bool = False) -> None:
-  """Refuses a workdir that holds a run of a different configuration (unless ``force``); records ``cfg``."""
+  """Refuses a workdir that holds a run of a different configuration (unless ``force``); records ``cfg`` (process
+  0 writes). The record holds the GLOBAL batch size (``DataConfig.batch_size`` is per process) and not the mesh,
+  so a run may resume on another mesh or number of hosts with the same global batch."""
   os.makedirs(workdir, exist_ok=True)
-  path, text = os.path.join(workdir, RUN_CONFIG), repr(cfg) + "\n"
+  _, _, shards = data_layout(cfg)
+  record = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=cfg.data.batch_size * shards))
+  path, text = os.path.join(workdir, RUN_CONFIG), repr(record) + "\n"
   if os.path.exists(path) and not force:
     with open(path) as f:
       old = f.read()
     if old != text:
       raise ValueError(f"workdir {workdir!r} holds a run of a different configuration (see {path}); use a new "
                        "workdir or --force to overwrite the record and resume from its checkpoint anyway")
-  with open(path, "w") as f:
-    f.write(text)
+  if jax.process_index() == 0:
+    with open(path + ".tmp", "w") as f:
+      f.write(text)
+    os.replace(path + ".tmp", path)  # atomic: other processes read either the old or the new record
 
 
 class _StopFlag:
@@ -95,10 +139,17 @@ def train(cfg: ExperimentConfig, workdir: str, *, force: bool = False, process_i
   :class:`NonFiniteLossError` on a NaN/inf loss (naming the step) without checkpointing it."""
   tc = cfg.train
   check_workdir(workdir, cfg, force=force)
-  pi = jax.process_index() if process_index is None else process_index
-  pc = jax.process_count() if process_count is None else process_count
-  graphdef, eval_graphdef, state = build_state(cfg)
-  step_fn = train_step_fn(graphdef, cfg.optimizer, tc.steps, tc.z_loss, tc.grad_accum)
+  main = jax.process_index() == 0
+  mesh, pi, pc = data_layout(cfg)
+  if mesh is None:
+    pi = jax.process_index() if process_index is None else process_index
+    pc = jax.process_count() if process_count is None else process_count
+    graphdef, eval_graphdef, state = build_state(cfg)
+    to_device = _device_batch
+  else:
+    graphdef, eval_graphdef, state = build_sharded_state(cfg, mesh)
+    to_device = lambda b: {k: global_batch(b[k], mesh) for k in MODEL_INPUTS + ("targets", "loss_mask")}
+  step_fn = train_step_fn(graphdef, cfg.optimizer, tc.steps, tc.z_loss, tc.grad_accum, mesh)
   data = make_dataset(cfg.data, split="train", process_index=pi, process_count=pc)
   tokenizer = make_tokenizer(cfg.data.tokenizer)
 
@@ -108,7 +159,7 @@ def train(cfg: ExperimentConfig, workdir: str, *, force: bool = False, process_i
   if restored is not None:
     start, state, data_state, _ = restored
     data.set_state(data_state)
-  writer = MetricsWriter(workdir)
+  writer = MetricsWriter(workdir, active=main)
   flops_per_token = matmul_flops_per_token(state["params"], cfg.model, cfg.data.seq_len)
   peak = tc.peak_flops or measure_matmul_peak()
   eval_batches = None
@@ -119,7 +170,7 @@ def train(cfg: ExperimentConfig, workdir: str, *, force: bool = False, process_i
   history: list[dict] = []
   last_saved = start if restored is not None else None
   clock = {"t": time.perf_counter(), "tokens": 0.0}
-  bar = tqdm(total=tc.steps, initial=start, disable=not tc.progress, dynamic_ncols=True, mininterval=1.0,
+  bar = tqdm(total=tc.steps, initial=start, disable=not (tc.progress and main), dynamic_ncols=True, mininterval=1.0,
              desc="train")
 
   def finish_step(step: int, metrics) -> None:
@@ -129,7 +180,7 @@ def train(cfg: ExperimentConfig, workdir: str, *, force: bool = False, process_i
       raise NonFiniteLossError(f"non-finite loss ({m['loss']}) at step {step}; stopped without saving this "
                                f"state (last checkpoint: {where})")
     history.append({"step": step, **m})
-    clock["tokens"] += m.pop("tokens") * pc
+    clock["tokens"] += m.pop("tokens") * (pc if mesh is None else 1)  # the sharded step counts global tokens
     bar.update(1)
     if step % tc.log_every == 0 or step == tc.steps:
       now = time.perf_counter()
@@ -151,7 +202,7 @@ def train(cfg: ExperimentConfig, workdir: str, *, force: bool = False, process_i
         if stop.signal is not None:
           status = "interrupted"
           break
-        state, metrics = step_fn(state, _device_batch(next(data)))
+        state, metrics = step_fn(state, to_device(next(data)))
         if pending is not None:
           finish_step(*pending)
         pending = (step + 1, metrics)

@@ -43,9 +43,13 @@ def measure_matmul_peak(n: int = 1024, repeats: int = 5) -> float:
 
 
 class MetricsWriter:
-  """Appends one JSON object per log step to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
+  """Appends one JSON object per log step to ``metrics.jsonl`` and mirrors scalars to TensorBoard. An inactive
+  writer (every process but 0 of a multi-process run) writes nothing."""
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True):
+  def __init__(self, workdir: str, *, tensorboard: bool = True, active: bool = True):
+    self.active = active
+    if not active:
+      return
     os.makedirs(workdir, exist_ok=True)
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
     self._tb = None
@@ -54,6 +58,8 @@ class MetricsWriter:
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, metrics: dict) -> None:
+    if not self.active:
+      return
     row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
     self._jsonl.write(json.dumps(row) + "\n")
     self._jsonl.flush()
@@ -62,10 +68,12 @@ class MetricsWriter:
         self._tb.add_scalar(k, float(v), step)
 
   def write_text(self, tag: str, text: str, step: int = 0) -> None:
-    if self._tb is not None:
+    if self.active and self._tb is not None:
       self._tb.add_text(tag, text, step)
 
   def close(self) -> None:
+    if not self.active:
+      return
     self._jsonl.close()
     if self._tb is not None:
       self._tb.close()

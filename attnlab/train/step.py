@@ -6,6 +6,11 @@ The train state is a dict of pytrees: ``params`` (the ``nnx.Param`` state, float
 is carried to the next step. Loss = mean masked CE + z-loss + the model's ``aux["aux_loss"]``. With
 ``grad_accum = A`` the batch is split into A micro-batches scanned in order; gradients are summed with the
 token-count normalisation of the full batch, so A micro-batches equal one big batch up to float rounding.
+
+Sharded (``mesh`` given): MaxText style, ``jax.jit`` with explicit in/out shardings: every state leaf is placed
+by its logical axes through the rules table (optimizer moments inherit their parameter's axes; scalars and RNG
+keys are replicated), the batch is split over the data-parallel axes, metrics are replicated; tracing happens
+under ``jax.set_mesh`` so the model's logical activation constraints apply.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from attnlab.parallel.sharding import DEFAULT_RULES, batch_sharding, replicated, state_shardings
 from attnlab.train.config import OptimizerConfig
 from attnlab.train.loss import token_losses
 from attnlab.train.optimizer import make_optimizer
@@ -50,9 +56,35 @@ def _micro_loss(params, rest, batch, *, graphdef, z_loss, num_tokens, num_micro)
   return loss, (new_rest, {"ce_sum": ce_sum, "z_sum": z_sum, "aux_loss": aux_loss / num_micro})
 
 
+class ShardedStep:
+  """``step(state, batch)`` jitted with the shardings the rules give ``state`` (built at the first call, from the
+  state's structure and its Variables' ``logical_axes``)."""
+
+  def __init__(self, step, mesh, rules):
+    self._step, self.mesh, self.rules = step, mesh, rules
+    self._jitted = None
+
+  def shardings(self, state):
+    """(state shardings, batch sharding) of ``state`` (concrete or abstract) on this step's mesh."""
+    return state_shardings(state, self.mesh, self.rules), batch_sharding(self.mesh, self.rules)
+
+  def jitted(self, state):
+    if self._jitted is None:
+      state_sh, batch_sh = self.shardings(state)
+      self._jitted = jax.jit(self._step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated(self.mesh)),
+                             donate_argnums=0)
+    return self._jitted
+
+  def __call__(self, state, batch):
+    with jax.set_mesh(self.mesh):  # traced under the mesh: the model's logical constraints apply
+      return self.jitted(state)(state, batch)
+
+
 @functools.lru_cache(maxsize=16)
-def train_step_fn(graphdef, opt_cfg: OptimizerConfig, total_steps: int, z_loss: float, grad_accum: int):
-  """The jitted ``step(state, batch) -> (state, metrics)``; cached so equal configs share one compilation."""
+def train_step_fn(graphdef, opt_cfg: OptimizerConfig, total_steps: int, z_loss: float, grad_accum: int,
+                  mesh: jax.sharding.Mesh | None = None, rules=DEFAULT_RULES):
+  """The jitted ``step(state, batch) -> (state, metrics)``, sharded over ``mesh`` when given (a
+  :class:`ShardedStep`); cached so equal configs share one compilation."""
   tx, schedule = make_optimizer(opt_cfg, total_steps)
 
   def step(state, batch):
@@ -83,7 +115,9 @@ def train_step_fn(graphdef, opt_cfg: OptimizerConfig, total_steps: int, z_loss: 
                "tokens": num_tokens}
     return {"params": params, "rest": rest, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
-  return jax.jit(step, donate_argnums=0)
+  if mesh is None:
+    return jax.jit(step, donate_argnums=0)
+  return ShardedStep(step, mesh, rules)
 
 
 def init_state(model: nnx.Module, opt_cfg: OptimizerConfig, total_steps: int):
