@@ -2,8 +2,8 @@
 
 1 layer, 1 head, d = 64, ReLU FFN 4d, pre-LN LayerNorm (eps 1e-5), final LN, untied head, no Dense biases,
 PyTorch-default init (Embed N(0, 1), Linear U(+-1/sqrt(fan_in))); AdamW 3e-4 (0.9, 0.99, eps 1e-8, wd 1e-4),
-constant lr, batch 32 x seq 64, fresh batches every step. Positions: RoPE (attnlab's DecoderLM has no learned
-absolute position table; see the calibration notes in the README's sink section).
+constant lr, batch 32 x seq 64, fresh batches every step, learned absolute positions (no RoPE), as in Guo et al.'s
+``BBM/model.py``. With RoPE instead, softmax formed the sink in only 2 of 3 seeds (README, sink section).
 
 The full sweep uses the training harness; this file exists so the calibration is a self-contained property test.
 """
@@ -26,8 +26,8 @@ SEQ, BATCH, EVAL_SEQS = 64, 32, 128
 def recipe_config(score: str = "softmax", **score_params) -> attnlab.ModelConfig:
   return attnlab.ModelConfig(
       vocab_size=default_chain().vocab_size, d_model=64, num_layers=1, mlp_activation="relu", norm="layernorm",
-      norm_eps=1e-5, init="pytorch", max_seq_len=SEQ,
-      attention=attnlab.AttentionConfig(num_heads=1, score=score, score_params=score_params))
+      norm_eps=1e-5, init="pytorch", max_seq_len=SEQ, position_embedding="learned",
+      attention=attnlab.AttentionConfig(num_heads=1, rope=False, score=score, score_params=score_params))
 
 
 def make_step(lr: float = 3e-4):

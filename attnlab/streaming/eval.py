@@ -26,6 +26,9 @@ from attnlab.streaming.cache import KVCache, StreamingPolicy, insert, rope_posit
 
 
 def _check_model(model) -> None:
+  if getattr(model, "pos_embed", None) is not None:
+    raise ValueError("streaming needs positions inside attention (RoPE/NoPE); this model adds learned absolute "
+                     "position embeddings to its inputs, which a cache cannot re-position")
   for i, block in enumerate(model.blocks):
     if type(block.attn) is not DotProductAttention:
       raise ValueError(f"streaming needs dot_product attention; layer {i} is {type(block.attn).__name__}")
