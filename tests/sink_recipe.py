@@ -87,11 +87,15 @@ def evaluate(model) -> dict[str, float]:
   }
 
 
-if __name__ == "__main__":  # calibration: python tests/sink_recipe.py SCORE SEED [STEPS]
+ARMS = {"softmax": ("softmax", {}), "sigmoid": ("sigmoid", {}), "relu": ("relu", {}),
+        "sigmoid_b0": ("sigmoid", {"b": 0.0})}
+
+if __name__ == "__main__":  # calibration: python tests/sink_recipe.py ARM SEED [STEPS]
   import sys
   import time
   score, seed = sys.argv[1], int(sys.argv[2])
   steps = int(sys.argv[3]) if len(sys.argv) > 3 else 2000
   t0 = time.time()
-  trained = train(recipe_config(score), seed=seed, steps=steps)
+  name, params = ARMS[score]
+  trained = train(recipe_config(name, **params), seed=seed, steps=steps)
   print(score, seed, steps, {k: round(v, 3) for k, v in evaluate(trained).items()}, f"{time.time() - t0:.1f}s")
