@@ -87,3 +87,16 @@ def test_perplexity_table_and_errors():
     stream_logits(_model(score="sigmoid"), _tokens(), StreamingPolicy(1, 4))
   with pytest.raises(ValueError, match="window"):
     StreamingPolicy(1, 0)
+
+
+def test_learned_positions_are_used_and_refused_by_streaming():
+  cfg = attnlab.ModelConfig(vocab_size=31, d_model=32, num_layers=1, max_seq_len=T, position_embedding="learned",
+                            attention=attnlab.AttentionConfig(num_heads=4, rope=False))
+  model = attnlab.DecoderLM(cfg, rngs=nnx.Rngs(0))
+  tokens = _tokens()
+  shifted = model(tokens, positions=jnp.broadcast_to(jnp.arange(T)[::-1], tokens.shape))
+  assert float(jnp.abs(model(tokens) - shifted).max()) > 1e-3
+  with pytest.raises(ValueError, match="learned absolute"):
+    stream_logits(model, tokens, StreamingPolicy(1, 4))
+  with pytest.raises(ValueError, match="position_embedding"):
+    attnlab.ModelConfig(position_embedding="sinusoidal")
