@@ -8,7 +8,7 @@ from flax import nnx
 
 import attnlab
 from attnlab.analysis import metrics as M
-from ref_sinks import gu_importance, gu_proxy, norm_ratio
+from tests.ref_sinks import gu_importance, gu_proxy, norm_ratio
 
 B, T, H, D = 2, 16, 4, 8
 

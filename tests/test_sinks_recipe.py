@@ -4,7 +4,7 @@ calibration runs behind them are listed in the README's "Studying attention sink
 
 import pytest
 
-from sink_recipe import evaluate, recipe_config, train
+from tests.sink_recipe import evaluate, recipe_config, train
 
 SEEDS = {"softmax": 0, "sigmoid": 0, "relu": 0}
 
