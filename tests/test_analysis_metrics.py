@@ -111,3 +111,12 @@ def test_model_metrics_from_internals(att):
     assert layer["sink_mass"].min() > 0.0
     np.testing.assert_allclose(layer["row_mass"] + layer["sink_mass"], 1.0, rtol=1e-5)
   assert set(m["summary"]) >= {"sink_rate_proxy", "sink_rate_raw", "massive_ratio"}
+
+
+def test_layers_without_dense_weights_are_left_out():
+  w = attnlab.attention_weights(*_qkv()[:2])
+  internals = {"layers": [{}, {"weights": w, "sink_mass": jnp.zeros(w.shape[:-1])}],
+               "hidden": [jnp.ones((B, T, D))] * 3}
+  m = M.model_metrics(internals)
+  assert m["layers"][0] == {} and "sink_rate_raw" in m["layers"][1]
+  np.testing.assert_allclose(m["summary"]["sink_rate_raw"], m["layers"][1]["sink_rate_raw"].mean())

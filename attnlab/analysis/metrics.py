@@ -212,12 +212,14 @@ def model_metrics(internals: Mapping[str, Any], *, k: int = 1, eps: float = 0.3,
   """Every sink metric of one forward pass. ``internals`` is ``aux`` of ``model(tokens, return_internals=True)``.
 
   Returns ``{"layers": [per-head dict per layer], "hidden": [per-residual-state dict], "summary": {...}}`` where
-  the summary holds the model-level scalars (:func:`summarize`).
+  the summary holds the model-level scalars (:func:`summarize`). A layer whose internals have no dense
+  ``weights`` (e.g. a linear-attention variant) gets an empty dict and is left out of the summary.
   """
   layers = []
   for aux in internals["layers"]:
-    if "weights" not in aux:
-      raise ValueError("a layer's internals have no dense 'weights'; use softmax_columns_from_lse + layer_metrics")
+    if "weights" not in aux:  # e.g. linear attention: no dense map; left empty (see softmax_columns_from_lse)
+      layers.append({})
+      continue
     cols = columns_from_weights(aux["weights"], k, aux.get("sink_mass"))
     layers.append(layer_metrics(cols, k=k, eps=eps, query_mask=query_mask, queries=aux.get("queries"),
                                 keys=aux.get("keys"), values=aux.get("values")))

@@ -77,29 +77,35 @@ def _plot_heatmaps(metrics, path):
             ("row_mass", "raw row mass", 0, None))
   fig, axes = plt.subplots(1, 3, figsize=(12, 1.2 + 0.5 * len(metrics["layers"])), squeeze=False)
   for ax, (key, title, lo, hi) in zip(axes[0], panels):
-    data = np.stack([layer[key] for layer in metrics["layers"]])
+    width = max((len(layer[key]) for layer in metrics["layers"] if key in layer), default=1)
+    data = np.stack([np.asarray(layer[key], float) if key in layer else np.full(width, np.nan)
+                     for layer in metrics["layers"]])
     im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=lo, vmax=hi)
     ax.set(title=title, xlabel="head", ylabel="layer")
     for (i, j), val in np.ndenumerate(data):
-      ax.text(j, i, f"{val:.2g}", ha="center", va="center", color="w", fontsize=7)
+      if np.isfinite(val):
+        ax.text(j, i, f"{val:.2g}", ha="center", va="center", color="w", fontsize=7)
     fig.colorbar(im, ax=ax)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
 
 
-def _plot_maps(internals, metrics, path, *, sample, num_heads):
+def _plot_maps(internals, metrics, path, *, sample, num_heads) -> bool:
   import matplotlib.pyplot as plt
   ranked = sorted(((float(layer["alpha_raw"][h]), l, h) for l, layer in enumerate(metrics["layers"])
-                   for h in range(len(layer["alpha_raw"]))), reverse=True)[:num_heads]
+                   for h in range(len(layer.get("alpha_raw", ())))), reverse=True)[:num_heads]
+  if not ranked:
+    return False
   fig, axes = plt.subplots(1, len(ranked), figsize=(3.2 * len(ranked), 3), squeeze=False)
   for ax, (alpha, l, h) in zip(axes[0], ranked):
     w = np.asarray(internals["layers"][l]["weights"][sample, h])
     ax.imshow(w, cmap="magma", vmin=0)
-    ax.set(title=f"layer {l} head {h}\nalpha_1 raw {alpha:.2f}", xlabel="key", ylabel="query")
+    ax.set(title=f"layer {l} head {h}\nalpha_k raw {alpha:.2f}", xlabel="key", ylabel="query")
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
+  return True
 
 
 def _plot_norms(metrics, path):
@@ -107,9 +113,10 @@ def _plot_norms(metrics, path):
   fig, ax = plt.subplots(figsize=(5, 3.2))
   ratios = [h["norm_ratio"] for h in metrics["hidden"]]
   ax.plot(range(len(ratios)), ratios, "o-", label="||h_k|| / mean ||h_t|| (0 = embeddings)")
-  vr = [float(np.mean(layer["value_norm_ratio"])) for layer in metrics["layers"] if "value_norm_ratio" in layer]
+  vr = [(l + 1, float(np.mean(layer["value_norm_ratio"]))) for l, layer in enumerate(metrics["layers"])
+        if "value_norm_ratio" in layer]
   if vr:
-    ax.plot(range(1, len(vr) + 1), vr, "s--", label="||v_k|| / mean ||v_t|| (layer l)")
+    ax.plot(*zip(*vr), "s--", label="||v_k|| / mean ||v_t|| (layer l)")
   ax.axhline(1.0, color="gray", lw=0.5)
   ax.set(xlabel="residual state / layer", ylabel="first-token norm ratio")
   ax.legend(fontsize=7)
@@ -162,10 +169,11 @@ def write_sink_report(model, tokens, out_dir: str, history: str | Iterable[Mappi
   os.makedirs(out_dir, exist_ok=True)
   report = {"probe": {"batch": int(tokens.shape[0]), "seq": int(tokens.shape[1])},
             "attention": _layer_descriptions(model), **metrics}
-  files = ["sinks.json", "sink_rate.png", "attention_maps.png", "norm_ratio.png"]
+  files = ["sinks.json", "sink_rate.png", "norm_ratio.png"]
   _plot_heatmaps(metrics, os.path.join(out_dir, "sink_rate.png"))
-  _plot_maps(internals, metrics, os.path.join(out_dir, "attention_maps.png"), sample=sample, num_heads=num_maps)
   _plot_norms(metrics, os.path.join(out_dir, "norm_ratio.png"))
+  if _plot_maps(internals, metrics, os.path.join(out_dir, "attention_maps.png"), sample=sample, num_heads=num_maps):
+    files.append("attention_maps.png")
   if history is not None and _plot_history(load_history(history), os.path.join(out_dir, "history.png")):
     files.append("history.png")
   report["files"] = files
