@@ -22,12 +22,17 @@ class ModelConfig:
   norm_eps: float = 1e-6
   tie_embeddings: bool = False
   max_seq_len: int = 4096  # longest sequence the model accepts (positions beyond it are refused)
+  # "none": positions come from the attention layers (RoPE, or NoPE); "learned": a GPT-2-style absolute position
+  # table of max_seq_len rows added to the token embeddings (the Bigram-Backcopy sink recipe of Guo et al. 2024)
+  position_embedding: str = "none"
   init: str = "gpt"  # "gpt" (N(0, 0.02)) or "pytorch" (nn.Linear / nn.Embedding defaults)
   dtype: str = "float32"  # compute dtype; parameters stay float32
 
   def __post_init__(self):
     if isinstance(self.attention, list):
       object.__setattr__(self, "attention", tuple(self.attention))
+    if self.position_embedding not in ("none", "learned"):
+      raise ValueError(f"position_embedding must be 'none' or 'learned'; got {self.position_embedding!r}")
     pattern = self.attention_pattern
     if not pattern or self.num_layers % len(pattern):
       raise ValueError(f"the attention pattern has {len(pattern)} entries, which does not divide num_layers "

@@ -1,6 +1,8 @@
 """Decoder-only language model: embeddings, pre-norm blocks (attention of any registered kind + MLP), LM head.
 
     h_0 = E[tokens];  h_{l+1} = h_l' + MLP(Norm(h_l')),  h_l' = h_l + Attn_l(Norm(h_l));  logits = Norm(h_L) W_out
+
+With ``position_embedding="learned"``, ``h_0 = E[tokens] + P[positions]`` (GPT-2-style absolute positions).
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ class DecoderLM(nnx.Module):
     dtype = jnp.dtype(cfg.dtype)
     self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, embedding_init=embed_init(cfg.init), dtype=dtype,
                            rngs=rngs)
+    self.pos_embed = nnx.Embed(cfg.max_seq_len, cfg.d_model, embedding_init=embed_init(cfg.init), dtype=dtype,
+                               rngs=rngs) if cfg.position_embedding == "learned" else None
     self.blocks = nnx.List([Block(cfg, i, rngs=rngs, dtype=dtype) for i in range(cfg.num_layers)])
     self.final_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, rngs=rngs, dtype=dtype)
     self.head = None if cfg.tie_embeddings else nnx.Linear(
@@ -59,7 +63,10 @@ class DecoderLM(nnx.Module):
       raise ValueError(f"sequence length {tokens.shape[1]} exceeds the model's max_seq_len {self.cfg.max_seq_len}")
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    h = constrain(self.embed(tokens), ("batch", "seq", None))  # logical activation axes (no-op without a mesh)
+    h = self.embed(tokens)
+    if self.pos_embed is not None:
+      h = h + self.pos_embed(positions)
+    h = constrain(h, ("batch", "seq", None))  # logical activation axes (no-op without a mesh)
     aux_loss = jnp.zeros((), jnp.float32)
     hidden, layers = [h], []
     for block in self.blocks:

@@ -1,0 +1,151 @@
+"""Bigram-Backcopy (BB): the toy task on which a softmax transformer grows an attention sink.
+
+Guo et al. 2024, "Active-Dormant Attention Heads: Mechanistically Demystifying Extreme-Token Phenomena in LLMs"
+(arXiv 2410.13835), ``BBM/data.py``. A sequence is
+
+    x_0 = <s>;  x_1 ~ marginal without triggers;
+    x_{t+1} = x_{t-1}           if x_t is a trigger  (backcopy)
+    x_{t+1} ~ P(. | x_t)        otherwise            (bigram)
+
+where the triggers are the ``num_triggers`` most frequent characters. Guo et al. use the character bigram of
+Tiny-Shakespeare (65 characters + ``<s>`` + an unused delimiter ``<d>``, V = 67). attnlab cannot ship that corpus,
+so :func:`default_chain` builds the chain from the English text embedded in Python (``pydoc_data.topics``): the
+64 most frequent characters plus one "other character" token, ``<s>`` and ``<d>`` (V = 67); its triggers are
+' ', 'e' and 't', the same three as Tiny-Shakespeare's.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import re
+
+import numpy as np
+
+OTHER = "\ufffd"  # the one token every character outside the vocabulary maps to
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class BigramChain:
+  """A character bigram chain with triggers. Ids ``0..len(chars)-1`` are characters, then ``<s>``, then ``<d>``."""
+
+  chars: tuple[str, ...]
+  transition: np.ndarray  # (V, V) float64, rows of characters sum to 1; <s> is never a successor
+  marginal: np.ndarray  # (V,) unigram distribution over characters
+  triggers: tuple[int, ...]
+
+  @property
+  def bos_id(self) -> int:
+    return len(self.chars)
+
+  @property
+  def delimiter_id(self) -> int:
+    return len(self.chars) + 1
+
+  @property
+  def vocab_size(self) -> int:
+    return len(self.chars) + 2
+
+  def decode(self, ids) -> str:
+    names = self.chars + ("<s>", "<d>")
+    return "".join(names[i] for i in np.asarray(ids).ravel())
+
+
+def clean_text(text: str) -> str:
+  """Drops reStructuredText underlines (lines of one repeated punctuation character) and collapses spaces."""
+  lines = []
+  for line in text.splitlines():
+    line = re.sub(r"[ \t]+", " ", line.strip())
+    if line and not re.fullmatch(r"([^\w\s])\1*", line):
+      lines.append(line)
+  return "\n".join(lines)
+
+
+def build_chain(text: str, *, num_chars: int = 65, num_triggers: int = 3) -> BigramChain:
+  """Bigram chain over ``num_chars`` character tokens: the most frequent ``num_chars - 1`` characters of ``text``
+  and one token for every other character.
+
+  Transition rows are row-normalised bigram counts (unseen successors keep probability 0; a token with no observed
+  successor falls back to the marginal). Triggers are the ``num_triggers`` most frequent tokens.
+  """
+  if num_triggers < 1 or num_triggers >= num_chars:
+    raise ValueError(f"num_triggers must be in [1, num_chars); got {num_triggers} with num_chars={num_chars}")
+  counts = collections.Counter(text)
+  if len(counts) < num_chars:
+    raise ValueError(f"text has only {len(counts)} distinct characters; num_chars={num_chars}")
+  # Ties broken by the character, so the vocabulary is a pure function of the text.
+  top = sorted(counts, key=lambda c: (-counts[c], c))[:num_chars - 1]
+  chars = tuple(top) + (OTHER,)
+  index = {c: i for i, c in enumerate(top)}
+  ids = np.array([index.get(c, num_chars - 1) for c in text], np.int64)
+  vocab = num_chars + 2
+  marginal = np.bincount(ids, minlength=vocab).astype(np.float64)
+  marginal /= marginal.sum()
+  bigram = np.zeros((vocab, vocab), np.float64)
+  np.add.at(bigram, (ids[:-1], ids[1:]), 1.0)
+  rows = bigram.sum(1, keepdims=True)
+  transition = np.where(rows > 0, bigram / np.maximum(rows, 1.0), marginal[None, :])
+  triggers = tuple(int(i) for i in np.argsort(-marginal, kind="stable")[:num_triggers])
+  return BigramChain(chars, transition, marginal, triggers)
+
+
+@functools.cache
+def default_chain() -> BigramChain:
+  """The chain attnlab ships: built from Python's embedded documentation text (``pydoc_data.topics``)."""
+  from pydoc_data.topics import topics
+  return build_chain(clean_text("\n".join(topics[k] for k in sorted(topics))))
+
+
+def _sample_rows(cdf: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """One categorical sample per row of a (B, V) cumulative distribution."""
+  u = rng.random((cdf.shape[0], 1)) * cdf[:, -1:]
+  return np.minimum((cdf <= u).sum(-1), cdf.shape[1] - 1)
+
+
+def sample_sequences(chain: BigramChain, batch: int, length: int, rng: np.random.Generator) -> np.ndarray:
+  """(batch, length) int32 BB sequences starting with ``<s>`` (feed ``x[:, :-1]``, predict ``x[:, 1:]``)."""
+  if length < 2:
+    raise ValueError(f"length must be >= 2 (BOS + one token); got {length}")
+  is_trigger = np.zeros(chain.vocab_size, bool)
+  is_trigger[list(chain.triggers)] = True
+  first = chain.marginal.copy()
+  first[is_trigger] = 0.0
+  first[chain.bos_id] = 0.0
+  cdf = np.cumsum(chain.transition, axis=1)
+  seq = np.empty((batch, length), np.int64)
+  seq[:, 0] = chain.bos_id
+  seq[:, 1] = _sample_rows(np.broadcast_to(np.cumsum(first), (batch, chain.vocab_size)), rng)
+  for t in range(2, length):
+    cur, prev = seq[:, t - 1], seq[:, t - 2]
+    seq[:, t] = np.where(is_trigger[cur], prev, _sample_rows(cdf[cur], rng))
+  return seq.astype(np.int32)
+
+
+def trigger_mask(chain: BigramChain, inputs: np.ndarray) -> np.ndarray:
+  """True where the input token is a trigger, i.e. where the next token is a backcopy (Guo's ``triggers_pos``)."""
+  return np.isin(np.asarray(inputs), np.asarray(chain.triggers))
+
+
+class BigramBackcopy:
+  """Fresh BB batches, a pure function of ``(seed, step)``: ``batch(step)`` -> (batch_size, seq_len + 1) int32."""
+
+  def __init__(self, seq_len: int, batch_size: int, *, seed: int = 0, chain: BigramChain | None = None):
+    if seq_len < 1 or batch_size < 1:
+      raise ValueError(f"seq_len and batch_size must be positive; got {seq_len}, {batch_size}")
+    self.chain = chain if chain is not None else default_chain()
+    self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+
+  @property
+  def vocab_size(self) -> int:
+    return self.chain.vocab_size
+
+  def batch(self, step: int) -> np.ndarray:
+    rng = np.random.default_rng([self.seed, step])
+    return sample_sequences(self.chain, self.batch_size, self.seq_len + 1, rng)
+
+  def __iter__(self):
+    step = 0
+    while True:
+      yield self.batch(step)
+      step += 1

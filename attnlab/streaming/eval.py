@@ -1,0 +1,163 @@
+"""Streaming evaluation of a trained :class:`attnlab.DecoderLM` under a StreamingLLM cache policy.
+
+Tokens are fed one at a time; every layer keeps a :class:`KVCache` of un-rotated keys, re-rotated at each step
+(see :mod:`attnlab.streaming.cache`). The perplexity of a long stream is compared across full attention (one
+ordinary forward, where the sequence fits the model), window-only and sink + window caches (Xiao et al. 2024,
+Table 1-3). Supports softmax ``dot_product`` layers with any sink control (sink logit, sink token, key/value bias,
+output gate); other score functions depend on the key count, which a cache changes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from attnlab.attention.core import attend
+from attnlab.attention.variants.dot_product import DotProductAttention
+from attnlab.layers import apply_rope
+from attnlab.streaming.cache import KVCache, StreamingPolicy, insert, rope_positions
+
+
+def _check_model(model) -> None:
+  if getattr(model, "pos_embed", None) is not None:
+    raise ValueError("streaming needs positions inside attention (RoPE/NoPE); this model adds learned absolute "
+                     "position embeddings to its inputs, which a cache cannot re-position")
+  for i, block in enumerate(model.blocks):
+    if type(block.attn) is not DotProductAttention:
+      raise ValueError(f"streaming needs dot_product attention; layer {i} is {type(block.attn).__name__}")
+    if block.attn.cfg.score != "softmax":
+      raise ValueError(f"streaming supports the softmax score (with any sink control); layer {i} uses "
+                       f"{block.attn.cfg.score!r}, whose weights depend on the number of keys a cache changes")
+    if not block.attn.cfg.causal:
+      raise ValueError(f"streaming needs causal attention; layer {i} is not causal")
+
+
+def _attention_step(attn: DotProductAttention, x: jax.Array, cache: KVCache, position: jax.Array,
+                    policy: StreamingPolicy) -> tuple[jax.Array, KVCache]:
+  """One token (x: (batch, 1, d_model)) through one attention layer with the cache; returns (y, new cache)."""
+  cfg, proj = attn.cfg, attn.qkv
+  b = x.shape[0]
+  q = proj.q(x).reshape(b, 1, cfg.num_heads, proj.head_dim)
+  k = proj.k(x).reshape(b, 1, cfg.kv_heads, proj.head_dim)
+  v = proj.v(x).reshape(b, 1, cfg.kv_heads, proj.head_dim)
+  if proj.q_norm is not None:
+    q, k = proj.q_norm(q), proj.k_norm(k)
+  cache = insert(cache, k, v, position, policy)
+  keys, values = cache.keys, cache.values
+  if cfg.rope:
+    key_pos, query_pos = rope_positions(cache, policy)
+    q = apply_rope(q, jnp.broadcast_to(query_pos, (b, 1)), cfg.rope_base)
+    keys = apply_rope(keys, jnp.broadcast_to(key_pos, (b, keys.shape[1])), cfg.rope_base)
+  mask = cache.valid[None, None, None, :]
+  if cfg.has_sink_slot:
+    keys, values, mask = attn._with_sink_slot(keys, values, jnp.broadcast_to(mask, (b, 1, 1, mask.shape[-1])))
+  sinks = None if attn.sink_logits is None else attn.sink_logits[...]
+  o = attend(q, keys, values, score=cfg.score, causal=False, mask=mask, sink_logits=sinks, **cfg.score_kwargs)
+  if attn.gate is not None:
+    o = attn.gate(x, o)
+  return attn.o(o.reshape(b, 1, -1)), cache
+
+
+@nnx.jit(static_argnums=(2,))
+def stream_logits(model, tokens: jax.Array, policy: StreamingPolicy) -> jax.Array:
+  """Logits (batch, seq, vocab) of ``tokens`` (batch, seq) fed one at a time through the cached model."""
+  _check_model(model)
+  b, t = tokens.shape
+  caches = tuple(KVCache.empty(policy, b, blk.attn.cfg.kv_heads, blk.attn.qkv.head_dim) for blk in model.blocks)
+
+  def step(caches, inp):
+    token, pos = inp
+    h = model.embed(token[:, None])
+    new = []
+    for block, cache in zip(model.blocks, caches):
+      a, cache = _attention_step(block.attn, block.attn_norm(h), cache, pos, policy)
+      h = h + a
+      h = h + block.mlp(block.mlp_norm(h))
+      new.append(cache)
+    h = model.final_norm(h)
+    logits = model.embed.attend(h) if model.head is None else model.head(h)
+    return tuple(new), logits[:, 0].astype(jnp.float32)
+
+  _, logits = jax.lax.scan(step, caches, (tokens.T, jnp.arange(t)))
+  return jnp.moveaxis(logits, 0, 1)
+
+
+@nnx.jit
+def _full_logits(model, tokens):
+  return model(tokens)
+
+
+def token_nll(logits: jax.Array, tokens: jax.Array) -> np.ndarray:
+  """Next-token negative log-likelihood (batch, seq - 1) of ``tokens`` under ``logits`` (batch, seq, vocab)."""
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+  return -np.asarray(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0], np.float64)
+
+
+def streaming_perplexity(model, tokens, policies: Mapping[str, StreamingPolicy] | None = None, *,
+                         full: bool = True) -> dict[str, dict]:
+  """Perplexity of a long stream ``tokens`` (batch, seq) under each cache policy, and under full attention.
+
+  Default policies: ``window`` (0 + W) and ``sink+window`` (4 + W - 4) with ``W = max_seq_len // 4`` (the paper
+  compares caches of equal size). Full attention runs as one forward when the sequence fits ``max_seq_len`` and is
+  reported as ``None`` otherwise. Returns ``{name: {"ppl", "nll_by_position" (mean over batch), "policy"}}``.
+  """
+  tokens = jnp.asarray(tokens, jnp.int32)
+  if tokens.ndim != 2 or tokens.shape[1] < 2:
+    raise ValueError(f"tokens must be (batch, seq >= 2); got shape {tuple(tokens.shape)}")
+  _check_model(model)
+  if policies is None:
+    w = max(model.cfg.max_seq_len // 4, 8)
+    policies = {"window": StreamingPolicy(0, w), "sink+window": StreamingPolicy(4, w - 4)}
+  results: dict[str, dict] = {}
+  if full:
+    if tokens.shape[1] <= model.cfg.max_seq_len:
+      nll = token_nll(_full_logits(model, tokens), tokens)
+      results["full"] = {"ppl": float(math.exp(nll.mean())), "nll_by_position": nll.mean(0).tolist(),
+                         "policy": None}
+    else:
+      results["full"] = {"ppl": None, "nll_by_position": None,
+                         "policy": f"does not fit: seq {tokens.shape[1]} > max_seq_len {model.cfg.max_seq_len}"}
+  for name, policy in policies.items():
+    nll = token_nll(stream_logits(model, tokens, policy), tokens)
+    results[name] = {"ppl": float(math.exp(nll.mean())), "nll_by_position": nll.mean(0).tolist(),
+                     "policy": policy.name}
+  return results
+
+
+def write_streaming_report(results: Mapping[str, dict], out_dir: str, *, smooth: int = 32) -> str:
+  """Writes ``streaming.json``, ``streaming.md`` (table) and ``streaming.png`` (NLL vs position); returns the table."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "streaming.json"), "w") as f:
+    json.dump(results, f, indent=1)
+  rows = ["| cache | policy | perplexity |", "|---|---|---|"]
+  for name, r in results.items():
+    ppl = "n/a" if r["ppl"] is None else f"{r['ppl']:.3f}"
+    rows.append(f"| {name} | {r['policy'] or 'full attention'} | {ppl} |")
+  table = "\n".join(rows) + "\n"
+  with open(os.path.join(out_dir, "streaming.md"), "w") as f:
+    f.write(table)
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  for name, r in results.items():
+    if r["nll_by_position"] is None:
+      continue
+    nll = np.asarray(r["nll_by_position"])
+    width = max(1, min(smooth, len(nll)))
+    ax.plot(np.arange(width, len(nll) + 1), np.convolve(nll, np.ones(width) / width, mode="valid"), label=name)
+  ax.set_xlabel("position in stream")
+  ax.set_ylabel(f"NLL (running mean over {smooth})")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(os.path.join(out_dir, "streaming.png"), dpi=100)
+  plt.close(fig)
+  return table
