@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import attnlab
-from reference import dense_mask, reference_attend, relative_error, with_x64
+from tests.reference import dense_mask, reference_attend, relative_error, with_x64
 
 # (id, score, score params, use sink logits)
 SCORES = [

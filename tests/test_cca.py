@@ -16,7 +16,7 @@ from attnlab.attention.cca import (cca_attention, cca_decode_step, cca_num_keys,
                                    check_cca_params)
 from attnlab.attention.registry import attention_config_class
 from attnlab.attention.variants.cca import CCAAttention, CCAConfig
-from ref_cca import ref_cca, ref_mask
+from tests.ref_cca import ref_cca, ref_mask
 
 STATIC = ("group_size", "window_size", "score", "block_q", "remat")
 fast = jax.jit(cca_attention, static_argnames=STATIC + ("b", "normalize", "eps"))

@@ -15,7 +15,7 @@ from attnlab.attention.variants.landmark import LandmarkConfig
 from attnlab.data.landmark import insert_landmarks, landmark_windows, next_token_targets
 from attnlab.model.config import ModelConfig
 from attnlab.model.lm import DecoderLM
-from ref_landmark import ref_landmark_attention
+from tests.ref_landmark import ref_landmark_attention
 
 B, N, H, HKV, D = 2, 24, 4, 2, 8
 

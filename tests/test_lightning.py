@@ -10,7 +10,7 @@ import pytest
 
 from attnlab.attention.lightning import (alibi_slopes, lightning_chunked, lightning_naive, lightning_recurrent,
                                          lightning_step, log_decay)
-from ref_lightning import lightning_ref, linear_attention_cumsum
+from tests.ref_lightning import lightning_ref, linear_attention_cumsum
 
 H, D, E = 3, 8, 4
 

@@ -12,7 +12,7 @@ from attnlab.attention.variants.dot_product import DotProductAttention
 from attnlab.attention.variants.lightning import LightningAttention, LightningConfig
 from attnlab.model.config import ModelConfig
 from attnlab.model.lm import DecoderLM
-from ref_lightning import lightning_ref
+from tests.ref_lightning import lightning_ref
 
 D_MODEL, T = 32, 21
 

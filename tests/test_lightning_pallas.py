@@ -8,7 +8,7 @@ import pytest
 
 from attnlab.attention.lightning import log_decay
 from kernels_pallas.lightning import lightning_attention
-from ref_lightning import lightning_ref
+from tests.ref_lightning import lightning_ref
 
 H = 2
 

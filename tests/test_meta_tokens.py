@@ -11,7 +11,7 @@ from attnlab.attention.variants.meta_tokens import MetaTokenConfig
 from attnlab.data.meta_tokens import inject_meta_tokens, meta_token_batch
 from attnlab.model.config import ModelConfig
 from attnlab.model.lm import DecoderLM
-from ref_meta_tokens import ref_meta_attention
+from tests.ref_meta_tokens import ref_meta_attention
 
 B, N, H, HKV, D = 2, 20, 4, 2, 8
 META = np.zeros((B, N), bool)

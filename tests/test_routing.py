@@ -15,7 +15,7 @@ from attnlab.attention.routing import (balanced_assignment, balanced_attention, 
                                        layer_norm, local_attention, nearest_attention, nearest_centroid,
                                        routing_weights)
 from attnlab.attention.variants.routing import KMeansState, RoutingAttention, RoutingConfig
-import ref_routing as ref
+from tests import ref_routing as ref
 
 B, N, H, D = 2, 24, 2, 8
 

@@ -43,7 +43,7 @@ class DecoderLM(nnx.Module):
     dtype = jnp.dtype(cfg.dtype)
     self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, embedding_init=embed_init(cfg.init), dtype=dtype,
                            rngs=rngs)
-    self.pos_embed = nnx.Embed(cfg.max_seq_len, cfg.d_model, embedding_init=embed_init(cfg.init), dtype=dtype,
+    self.pos_embed = nnx.Embed(cfg.max_seq_len, cfg.d_model, embedding_init=embed_init(cfg.init, (None, "embed")), dtype=dtype,
                                rngs=rngs) if cfg.position_embedding == "learned" else None
     self.blocks = nnx.List([Block(cfg, i, rngs=rngs, dtype=dtype) for i in range(cfg.num_layers)])
     self.final_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, rngs=rngs, dtype=dtype)
