@@ -55,10 +55,13 @@ def register_configurables() -> None:
 
 def parse_gin(gin_files=(), bindings=(), *, search_paths=()) -> None:
   """Clears gin, registers the configs and parses ``gin_files`` then ``bindings`` (later ones win).
-  ``include`` paths resolve against the search paths, the current directory and the repository root."""
+  ``include`` paths resolve against the search paths, the current directory, each file's folder and its parent,
+  and the repository root."""
   gin.clear_config(clear_constants=True)
   register_configurables()
-  for p in (*search_paths, os.getcwd(), REPO_ROOT):
+  file_dirs = [d for f in gin_files for d in (os.path.dirname(os.path.abspath(f)),
+                                              os.path.dirname(os.path.dirname(os.path.abspath(f))))]
+  for p in (*search_paths, os.getcwd(), *file_dirs, REPO_ROOT):
     gin.add_config_file_search_path(p)
   for f in gin_files:
     if not os.path.isfile(f) and not os.path.isfile(os.path.join(REPO_ROOT, f)):
