@@ -60,8 +60,8 @@ class CCAAttention(nnx.Module):
     self.cfg = cfg
     self.qkv = QKVProjection(cfg, d_model, init=init, rngs=rngs, dtype=dtype)
     hd = self.qkv.head_dim
-    self.o = nnx.Linear(cfg.num_heads * hd, d_model, use_bias=cfg.use_bias, kernel_init=kernel_init(init),
-                        dtype=dtype, rngs=rngs)
+    self.o = nnx.Linear(cfg.num_heads * hd, d_model, use_bias=cfg.use_bias,
+                        kernel_init=kernel_init(init, ("heads", "embed")), dtype=dtype, rngs=rngs)
     self.sink_logits = nnx.Param(jnp.full((cfg.num_heads,), cfg.sink_logit_init, jnp.float32)) if cfg.sink_logit \
         else None
     self.gate = OutputGate(cfg.gate, d_model, cfg.num_heads, hd, init=init, rngs=rngs, dtype=dtype) if cfg.gate \

@@ -93,10 +93,10 @@ class LightningAttention(nnx.Module):
     self.cfg = cfg
     self.head_dim = cfg.resolved_head_dim(d_model)
     hidden = cfg.num_heads * self.head_dim
-    self.qkvu = nnx.Linear(d_model, 4 * hidden, use_bias=cfg.use_bias, kernel_init=kernel_init(init), dtype=dtype,
-                           rngs=rngs)
-    self.out = nnx.Linear(hidden, d_model, use_bias=cfg.use_bias, kernel_init=kernel_init(init), dtype=dtype,
-                          rngs=rngs)
+    self.qkvu = nnx.Linear(d_model, 4 * hidden, use_bias=cfg.use_bias, kernel_init=kernel_init(init, ("embed", "heads")),
+                           dtype=dtype, rngs=rngs)
+    self.out = nnx.Linear(hidden, d_model, use_bias=cfg.use_bias, kernel_init=kernel_init(init, ("heads", "embed")),
+                          dtype=dtype, rngs=rngs)
     self.lrpe = Lrpe(cfg.num_heads, self.head_dim, cfg.lrpe_base) if cfg.lrpe else None
     self.log_decay = cfg.log_decay()  # static floats: the decay is a fixed schedule, not trained
     self.scale = self.head_dim ** -0.5 if cfg.scaled else 1.0

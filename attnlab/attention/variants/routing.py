@@ -92,14 +92,15 @@ class RoutingAttention(nnx.Module):
     self.deterministic = False  # NNX convention: model.eval() -> True (no k-means update), model.train() -> False
     hd = self.head_dim = cfg.resolved_head_dim(d_model)
     hr = cfg.num_routing_heads
-    lin = lambda i, o: nnx.Linear(i, o, use_bias=cfg.use_bias, kernel_init=kernel_init(init), dtype=dtype, rngs=rngs)
-    self.route_q = lin(d_model, hr * hd) if hr else None
-    self.route_v = lin(d_model, hr * hd) if hr else None
+    lin = lambda i, o, axes: nnx.Linear(i, o, use_bias=cfg.use_bias, kernel_init=kernel_init(init, axes),
+                                        dtype=dtype, rngs=rngs)
+    self.route_q = lin(d_model, hr * hd, ("embed", "heads")) if hr else None
+    self.route_v = lin(d_model, hr * hd, ("embed", "heads")) if hr else None
     self.local_qkv = QKVProjection(
         AttentionConfig(num_heads=cfg.num_local_heads, head_dim=hd, rope=cfg.rope, rope_base=cfg.rope_base,
                         qk_norm=cfg.qk_norm, use_bias=cfg.use_bias),
         d_model, init=init, rngs=rngs, dtype=dtype) if cfg.num_local_heads else None
-    self.o = lin(cfg.num_heads * hd, d_model)
+    self.o = lin(cfg.num_heads * hd, d_model, ("heads", "embed"))
     if hr:
       mu = layer_norm(jax.random.normal(rngs.params(), (hr, cfg.num_clusters, hd)))  # google-research: LN(N(0, 1))
       self.centroids = KMeansState(mu)
