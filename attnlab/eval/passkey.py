@@ -51,8 +51,7 @@ def _logits_fn(graphdef):
 
   def run(params, rest, inputs):
     positions = jnp.broadcast_to(jnp.arange(inputs.shape[1]), inputs.shape)
-    logits, _, _ = forward(graphdef, params, rest, {"inputs": inputs, "positions": positions, "segment_ids": None},
-                           return_aux=False)
+    logits, _, _ = forward(graphdef, params, rest, {"inputs": inputs, "positions": positions, "segment_ids": None})
     return logits
 
   return jax.jit(run)
