@@ -99,6 +99,8 @@ def _train(args, bindings: list[str], gin_files: list[str]) -> int:
         f"; workdir {os.path.abspath(args.workdir)}")
   if result.eval and result.eval.get("heldout"):
     print(result.eval["length_extrapolation_table"])
+  if result.eval and "passkey_table" in result.eval:
+    print(result.eval["passkey_table"])
   return 0
 
 
@@ -129,9 +131,8 @@ def _eval(args, bindings: list[str]) -> int:
   _start_distributed(args)
   result = evaluate_workdir(build_experiment(), args.workdir)
   print(result["length_extrapolation_table"])
-  for row in result.get("passkey", []):
-    print(f"passkey @ {row['seq_len']}: " + (f"accuracy {row['accuracy']:.3f}" if "accuracy" in row
-                                              else row["skipped"]))
+  if "passkey_table" in result:
+    print(result["passkey_table"])
   print(f"wrote {os.path.join(args.workdir, 'eval.json')}")
   return 0
 

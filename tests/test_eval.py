@@ -51,4 +51,6 @@ def test_run_evaluation_writes_eval_json_and_plot(setup, tmp_path):
   assert "skipped" in rows[2] and "max_seq_len" in rows[2]["skipped"]  # 8x > max_seq_len 128
   assert np.isfinite(rows[1]["bits_per_byte"])
   assert on_disk["passkey"][0]["seq_len"] == 128 and 0 <= on_disk["passkey"][0]["accuracy"] <= 1
+  assert on_disk["passkey"][0]["inference"] == "forward" and "passkey_table" in on_disk
+  assert (tmp_path / on_disk["passkey_plot"]).stat().st_size > 0
   assert "skipped" in format_table(rows) and res["heldout"]["seq_len"] == 32

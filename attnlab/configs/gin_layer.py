@@ -12,6 +12,7 @@ from attnlab.attention.config import AttentionConfig
 from attnlab.attention.registry import attention_config_class, attention_kinds
 from attnlab.data import synthetic
 from attnlab.data.pipeline import DataConfig
+from attnlab.data.special_tokens import LandmarkTokens, MetaTokens
 from attnlab.eval.config import EvalConfig
 from attnlab.model.config import ModelConfig
 from attnlab.parallel.distributed import DistributedConfig
@@ -42,7 +43,8 @@ def _attention_classes() -> list[type]:
 
 def register_configurables() -> None:
   """Registers (idempotently) every config class with gin under its class name."""
-  for cls in [*PARTS.values(), DistributedConfig, *_attention_classes(), *synthetic.task_config_classes()]:
+  for cls in [*PARTS.values(), DistributedConfig, *_attention_classes(), *synthetic.task_config_classes(),
+              LandmarkTokens, MetaTokens]:
     name = cls.__name__
     if name in _REGISTERED:
       if _REGISTERED[name] is not cls:

@@ -22,6 +22,7 @@ import numpy as np
 
 from attnlab.data import sources, synthetic
 from attnlab.data.packing import Batch, iter_packed, pack_documents, rows_to_batch
+from attnlab.data.special_tokens import LandmarkTokens, MetaTokens, interleave
 from attnlab.data.tokenizer import make_tokenizer
 
 SOURCES = ("embedded", "text", "json", "parquet", "files", "hub", "synthetic")
@@ -52,6 +53,9 @@ class DataConfig:
   # False: attention spans the whole packed row (no segment ids, positions 0..seq_len-1; GPT-2 style), for
   # variants whose structure has no notion of packed documents (CCA's groups are aligned to the row start).
   document_mask: bool = True
+  # Landmark / meta tokens interleaved into every batch (attnlab.data.special_tokens); ExperimentConfig fills it
+  # in from the model's attention config, so it rarely needs binding.
+  special_tokens: LandmarkTokens | MetaTokens | None = None
 
   def __post_init__(self):
     object.__setattr__(self, "paths", tuple(self.paths))
@@ -64,6 +68,8 @@ class DataConfig:
       raise ValueError("source='hub' needs DataConfig.hub_name")
     if self.seq_len < 2 or self.batch_size < 1:
       raise ValueError(f"seq_len must be >= 2 and batch_size >= 1; got {self.seq_len}, {self.batch_size}")
+    if self.special_tokens is not None and not isinstance(self.special_tokens, (LandmarkTokens, MetaTokens)):
+      raise ValueError(f"special_tokens must be LandmarkTokens, MetaTokens or None; got {self.special_tokens!r}")
 
 
 class ArrayIterator:
@@ -223,12 +229,41 @@ class WholeRowIterator:
     self.inner.set_state(state)
 
 
+class SpecialTokenIterator:
+  """Wraps a batch iterator, interleaving ``cfg.special_tokens`` (:func:`attnlab.data.special_tokens.interleave`)
+  into every batch. The random layout of batch ``s`` depends only on (seed, split, process, s), so it resumes
+  exactly with the inner iterator's state."""
+
+  def __init__(self, inner, spec, *, seq_len: int, seed: int, split: str, pad_id: int, process_index: int = 0):
+    self.inner, self.spec, self.seq_len, self.pad_id = inner, spec, seq_len, pad_id
+    self._key = (seed, _SPLIT_IDS[split], process_index)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> Batch:
+    rng = np.random.default_rng([*self._key, self.inner.get_state()["step"]])
+    return interleave(next(self.inner), self.spec, seq_len=self.seq_len, rng=rng, pad_id=self.pad_id)
+
+  def get_state(self) -> dict:
+    return self.inner.get_state()
+
+  def set_state(self, state: dict) -> None:
+    self.inner.set_state(state)
+
+
 def make_dataset(cfg: DataConfig, *, split: str = "train", seq_len: int | None = None, process_index: int = 0,
                  process_count: int = 1, tokenizer=None):
   """The batch iterator of ``cfg`` for ``split`` ("train" or "validation"); ``seq_len`` overrides the config's
   (length-extrapolation evaluation). Processes with distinct ``process_index`` read disjoint rows."""
-  it = _make_iterator(cfg, split=split, seq_len=seq_len, process_index=process_index, process_count=process_count,
-                      tokenizer=tokenizer)
+  tokenizer = tokenizer or make_tokenizer(cfg.tokenizer)
+  seq_len = seq_len or cfg.seq_len
+  spec = cfg.special_tokens
+  it = _make_iterator(cfg, split=split, seq_len=spec.source_len(seq_len) if spec else seq_len,
+                      process_index=process_index, process_count=process_count, tokenizer=tokenizer)
+  if spec is not None:
+    it = SpecialTokenIterator(it, spec, seq_len=seq_len, seed=cfg.seed, split=split, pad_id=tokenizer.pad_id,
+                              process_index=process_index)
   return it if cfg.document_mask else WholeRowIterator(it)
 
 

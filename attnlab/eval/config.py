@@ -10,7 +10,10 @@ class EvalConfig:
   """Held-out perplexity / bits-per-byte, length extrapolation and passkey retrieval.
 
   ``length_factors`` multiply the training ``seq_len`` (lengths beyond ``ModelConfig.max_seq_len`` are skipped
-  and reported). ``passkey_lengths`` are absolute context lengths; empty -> no passkey evaluation."""
+  and reported). ``passkey_lengths`` are absolute context lengths; empty -> no passkey evaluation.
+  ``passkey_inference``: "forward" (one pass, up to max_seq_len), "landmark" (chunked top-k retrieval,
+  :class:`attnlab.attention.landmark.runner.LandmarkRunner`) or "auto" (landmark when every layer is landmark
+  attention); ``landmark_chunk_len`` None -> the reference rule ``max_chunk_len(seq_len, block_size, top_k)``."""
 
   num_batches: int = 8  # held-out batches per length (0 -> the whole held-out split at 1x)
   batch_size: int | None = None  # None -> DataConfig.batch_size
@@ -18,6 +21,8 @@ class EvalConfig:
   passkey_lengths: tuple[int, ...] = ()
   passkey_examples: int = 16
   passkey_digits: int = 5
+  passkey_inference: str = "auto"
+  landmark_chunk_len: int | None = None
   in_training_batches: int = 2  # held-out batches for the eval every TrainConfig.eval_every steps
 
   def __post_init__(self):
@@ -25,3 +30,5 @@ class EvalConfig:
     object.__setattr__(self, "passkey_lengths", tuple(self.passkey_lengths))
     if any(f < 1 for f in self.length_factors):
       raise ValueError(f"length_factors must be >= 1; got {self.length_factors}")
+    if self.passkey_inference not in ("auto", "forward", "landmark"):
+      raise ValueError(f"passkey_inference must be 'auto', 'forward' or 'landmark'; got {self.passkey_inference!r}")

@@ -7,9 +7,9 @@ import os
 
 import jax
 
+from attnlab.data.synthetic import PasskeyConfig
 from attnlab.data.tokenizer import make_tokenizer
-from attnlab.eval import extrapolation
-from attnlab.eval.passkey import passkey_accuracy
+from attnlab.eval import extrapolation, passkey
 
 
 def run_evaluation(exp_cfg, eval_graphdef, params, rest, workdir: str, *, step: int) -> dict:
@@ -24,10 +24,16 @@ def run_evaluation(exp_cfg, eval_graphdef, params, rest, workdir: str, *, step: 
     result["length_extrapolation_plot"] = os.path.basename(png)
   ecfg = exp_cfg.eval
   if ecfg.passkey_lengths:
-    result["passkey"] = passkey_accuracy(eval_graphdef, params, rest, tokenizer, lengths=ecfg.passkey_lengths,
-                                         num_examples=ecfg.passkey_examples, digits=ecfg.passkey_digits,
-                                         max_seq_len=exp_cfg.model.max_seq_len,
-                                         batch_size=ecfg.batch_size or exp_cfg.data.batch_size)
+    scorer = passkey.make_scorer(exp_cfg, eval_graphdef, params, rest)
+    task = exp_cfg.data.task  # a model trained on passkey rows is evaluated in the same format
+    preamble = task.preamble if isinstance(task, PasskeyConfig) else None
+    rows = passkey.passkey_accuracy(scorer, tokenizer, lengths=ecfg.passkey_lengths,
+                                    num_examples=ecfg.passkey_examples, digits=ecfg.passkey_digits, preamble=preamble,
+                                    batch_size=ecfg.batch_size or exp_cfg.data.batch_size)
+    result.update(passkey=rows, passkey_table=passkey.format_table(rows))
+    png = passkey.plot(rows, os.path.join(workdir, "passkey.png")) if main else None
+    if png:
+      result["passkey_plot"] = os.path.basename(png)
   path = os.path.join(workdir, "eval.json")
   if not main:
     return result

@@ -25,6 +25,7 @@ from attnlab.attention.landmark.grouped_softmax import landmark_attention
 from attnlab.attention.landmark.retrieval import SELECTIONS, LandmarkCache, init_cache, retrieval_attention
 from attnlab.attention.registry import register_attention
 from attnlab.attention.variants.dot_product import OutputGate, QKVProjection
+from attnlab.data.special_tokens import LandmarkTokens
 from attnlab.layers import apply_rope, kernel_init
 
 
@@ -55,6 +56,10 @@ class LandmarkConfig(AttentionConfig):
       raise ValueError(f"need 1 <= top_k <= cache_blocks; got top_k={self.top_k}, cache_blocks={self.cache_blocks}")
     if self.selection not in SELECTIONS:
       raise ValueError(f"selection must be one of {SELECTIONS}; got {self.selection!r}")
+
+  def special_tokens(self) -> LandmarkTokens:
+    """What the data pipeline must interleave into batches for this layer (``DataConfig.special_tokens``)."""
+    return LandmarkTokens(block_size=self.block_size, landmark_id=self.landmark_id)
 
 
 class LandmarkAttention(nnx.Module):

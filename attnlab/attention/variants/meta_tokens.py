@@ -22,6 +22,7 @@ from attnlab.attention.core import attention_weights
 from attnlab.attention.meta_tokens import MODES, meta_attention, meta_attention_mask
 from attnlab.attention.registry import register_attention
 from attnlab.attention.variants.dot_product import DotProductAttention, QKVProjection
+from attnlab.data.special_tokens import MetaTokens
 from attnlab.layers import kernel_init
 
 
@@ -29,12 +30,15 @@ from attnlab.layers import kernel_init
 class MetaTokenConfig(AttentionConfig):
   """Causal attention + meta-attention. ``meta_ids`` must be valid token ids of the LM (e.g. 259 with
   ``ModelConfig.vocab_size = 260``); ``meta_mode`` is "meta_only" (meta↔meta) or "all" (every query → meta
-  keys); ``meta_capacity`` bounds the meta tokens per sequence seen by the meta path (None: no bound)."""
+  keys); ``meta_capacity`` bounds the meta tokens per sequence seen by the meta path (None: no bound);
+  ``meta_rate`` is the probability with which the data pipeline injects a meta token before each ordinary token
+  (training and held-out batches; a reconstruction choice)."""
 
   meta_ids: tuple[int, ...] = (259,)
   meta_mode: str = "meta_only"
   meta_capacity: int | None = None
   meta_rope: bool = True
+  meta_rate: float = 0.02
 
   def __post_init__(self):
     super().__post_init__()
@@ -45,6 +49,12 @@ class MetaTokenConfig(AttentionConfig):
       raise ValueError(f"meta_mode must be one of {MODES}; got {self.meta_mode!r}")
     if self.meta_capacity is not None and self.meta_capacity < 1:
       raise ValueError(f"meta_capacity must be positive or None; got {self.meta_capacity}")
+    if not 0.0 <= self.meta_rate < 1.0:
+      raise ValueError(f"meta_rate must be in [0, 1); got {self.meta_rate}")
+
+  def special_tokens(self) -> MetaTokens:
+    """What the data pipeline must interleave into batches for this layer (``DataConfig.special_tokens``)."""
+    return MetaTokens(meta_ids=self.meta_ids, rate=self.meta_rate)
 
 
 class MetaTokenAttention(nnx.Module):
