@@ -12,7 +12,7 @@ from attnlab.attention.landmark.grouped_softmax import grouped_softmax_weights, 
 from attnlab.attention.landmark.retrieval import _update_cache
 from attnlab.attention.landmark.runner import LandmarkRunner, max_chunk_len
 from attnlab.attention.variants.landmark import LandmarkConfig
-from attnlab.data.landmark import insert_landmarks, landmark_windows, next_token_targets
+from attnlab.data.landmark import insert_landmarks
 from attnlab.model.config import ModelConfig
 from attnlab.model.lm import DecoderLM
 from tests.ref_landmark import ref_landmark_attention
@@ -139,16 +139,6 @@ def test_data_transforms():
   np.testing.assert_array_equal(is_lm, out == 0)
   out, _ = insert_landmarks(np.arange(1, 5), 0, 3, phase=1)
   np.testing.assert_array_equal(out, [1, 0, 2, 3, 0, 4])
-  tgt, w = next_token_targets(np.array([1, 2, 0, 3, 4, 0]), np.array([0, 0, 1, 0, 0, 1], bool))
-  np.testing.assert_array_equal(tgt, [2, 3, -1, 4, -1, -1])
-  np.testing.assert_array_equal(w, [1, 1, 0, 1, 0, 0])
-  batch = landmark_windows(np.arange(1, 200), landmark_id=0, block_size=5, seq_len=16, batch=8,
-                           rng=np.random.default_rng(0))
-  x, y, w = batch["inputs"], batch["targets"], batch["weights"]
-  assert x.shape == y.shape == w.shape == (8, 16)
-  assert np.all(w[x == 0] == 0) and np.all(y[w > 0] != 0)
-  np.testing.assert_array_equal(y[w > 0], (x + 1)[w > 0])  # the stream counts up: next real token is x + 1
-  assert len({int(np.flatnonzero(r == 0)[0]) for r in x}) > 1  # random offsets
 
 
 def test_config_and_input_errors():

@@ -8,7 +8,8 @@ from flax import nnx
 
 from attnlab.attention.meta_tokens import meta_attention
 from attnlab.attention.variants.meta_tokens import MetaTokenConfig
-from attnlab.data.meta_tokens import inject_meta_tokens, meta_token_batch
+from attnlab.data.packing import rows_to_batch
+from attnlab.data.special_tokens import MetaTokens, interleave
 from attnlab.model.config import ModelConfig
 from attnlab.model.lm import DecoderLM
 from tests.ref_meta_tokens import ref_meta_attention
@@ -81,9 +82,10 @@ def test_capacity_counts_dropped_tokens():
 def test_lm_with_meta_tokens_is_causal_and_trains():
   att = MetaTokenConfig(num_heads=4, meta_ids=(30, 31), meta_mode="all")
   model = DecoderLM(ModelConfig(vocab_size=32, d_model=32, num_layers=2, attention=att), rngs=nnx.Rngs(0))
-  batch = meta_token_batch(np.random.default_rng(0).integers(0, 30, (2, N + 1)), meta_ids=(30, 31), rate=0.2,
-                           rng=np.random.default_rng(1))
-  x, y, w = (jnp.asarray(batch[k]) for k in ("inputs", "targets", "weights"))
+  rows = np.random.default_rng(0).integers(0, 30, (2, N + 1))
+  batch = interleave(rows_to_batch(rows, np.ones_like(rows)), MetaTokens((30, 31), 0.2), seq_len=N,
+                     rng=np.random.default_rng(1), pad_id=0)
+  x, y, w = (jnp.asarray(batch[k]) for k in ("inputs", "targets", "loss_mask"))
   assert bool(jnp.any(jnp.isin(x, jnp.array([30, 31]))))
 
   def loss(m):
@@ -100,25 +102,10 @@ def test_lm_with_meta_tokens_is_causal_and_trains():
   np.testing.assert_allclose(logits[:, :12], logits2[:, :12], atol=1e-6)
 
 
-def test_injection_and_labels():
-  tokens = np.arange(1, 2 * 41 + 1).reshape(2, 41)
-  seq, is_meta = inject_meta_tokens(tokens, (90, 91), 0.3, np.random.default_rng(0))
-  assert seq.shape == is_meta.shape == (2, 41) and is_meta.any()
-  np.testing.assert_array_equal(np.isin(seq, (90, 91)), is_meta)
-  for r in range(2):  # ordinary tokens keep their order, nothing is lost before the cut
-    np.testing.assert_array_equal(seq[r][~is_meta[r]], tokens[r, :(~is_meta[r]).sum()])
-  batch = meta_token_batch(tokens, meta_ids=(90, 91), rate=0.3, rng=np.random.default_rng(0))
-  x, y, w = batch["inputs"], batch["targets"], batch["weights"]
-  assert np.all(w[np.isin(x, (90, 91))] == 0)
-  np.testing.assert_array_equal(y[w > 0], x[w > 0] + 1)
-  no_meta, flags = inject_meta_tokens(tokens, (90,), 0.0, np.random.default_rng(0))
-  np.testing.assert_array_equal(no_meta, tokens) and not flags.any()
-
-
 def test_errors():
   with pytest.raises(ValueError, match="meta_mode"):
     MetaTokenConfig(meta_mode="both")
   with pytest.raises(ValueError, match="rate"):
-    inject_meta_tokens(np.zeros((1, 4), int), (9,), 1.5, np.random.default_rng(0))
+    MetaTokens((9,), 1.5)
   with pytest.raises(ValueError, match="is_meta"):
     meta_attention(jnp.zeros((1, 4, 2, 4)), jnp.zeros((1, 4, 2, 4)), jnp.zeros((1, 4, 2, 4)), jnp.zeros((1, 3), bool))

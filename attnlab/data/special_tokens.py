@@ -13,8 +13,8 @@ are recounted, so special tokens occupy positions like any token (as in the refe
   ``source_len(seq_len) = seq_len - ceil(seq_len / B)`` tokens long, so nothing is cut off (a row's free last
   slot, if any, is PAD).
 * :class:`MetaTokens`: a meta token (id uniform over ``meta_ids``) before each plain token with probability
-  ``rate`` (Shah et al. 2025, RECONSTRUCTION, see :mod:`attnlab.data.meta_tokens`); the row is cut back to
-  ``seq_len`` (static shapes), so plain rows are read ``seq_len`` long.
+  ``rate`` (Shah et al. 2025; RECONSTRUCTION: there is no public code, see shared/research/variants.md §2);
+  the row is cut back to ``seq_len`` (static shapes), so plain rows are read ``seq_len`` long.
 
 ``DataConfig.special_tokens`` selects the transform; ``ExperimentConfig`` fills it in from the model's attention
 config (``LandmarkConfig`` / ``MetaTokenConfig`` provide ``special_tokens()``), so one config line switches both.
