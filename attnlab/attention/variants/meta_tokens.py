@@ -6,7 +6,7 @@ meta-attention path with its own projections, summed::
     y = CausalMHA(x) + W_o^meta · MetaAttn(x)          MetaAttn: see :mod:`attnlab.attention.meta_tokens`
 
 Meta tokens are found in the input ids (``meta_ids``); the data side injects them at random positions and
-excludes them from the loss (:mod:`attnlab.data.meta_tokens`). The causal path is the standard
+excludes them from the loss (:mod:`attnlab.data.special_tokens`). The causal path is the standard
 :class:`DotProductAttention` (all its options apply); ``meta_rope=False`` drops RoPE on the meta path.
 """
 
