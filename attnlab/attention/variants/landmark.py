@@ -70,7 +70,8 @@ class LandmarkAttention(nnx.Module):
     # RoPE is applied here, not in the projection: inference caches keys before RoPE.
     self.qkv = QKVProjection(dataclasses.replace(cfg, rope=False), d_model, init=init, rngs=rngs, dtype=dtype)
     self.head_dim = hd = self.qkv.head_dim
-    self.o = nnx.Linear(cfg.num_heads * hd, d_model, use_bias=cfg.use_bias, kernel_init=kernel_init(init),
+    self.o = nnx.Linear(cfg.num_heads * hd, d_model, use_bias=cfg.use_bias,
+                        kernel_init=kernel_init(init, ("heads", "embed")),
                         dtype=dtype, rngs=rngs)
     self.gate = OutputGate(cfg.gate, d_model, cfg.num_heads, hd, init=init, rngs=rngs, dtype=dtype) if cfg.gate \
         else None

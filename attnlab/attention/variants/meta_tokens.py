@@ -66,7 +66,7 @@ class MetaTokenAttention(nnx.Module):
     self.meta_qkv = QKVProjection(dataclasses.replace(cfg, rope=cfg.rope and cfg.meta_rope), d_model, init=init,
                                   rngs=rngs, dtype=dtype)
     self.meta_o = nnx.Linear(cfg.num_heads * self.meta_qkv.head_dim, d_model, use_bias=cfg.use_bias,
-                             kernel_init=kernel_init(init), dtype=dtype, rngs=rngs)
+                             kernel_init=kernel_init(init, ("heads", "embed")), dtype=dtype, rngs=rngs)
 
   def __call__(self, x, *, positions, segment_ids=None, return_internals=False, tokens=None):
     if tokens is None:
