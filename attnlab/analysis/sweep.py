@@ -115,7 +115,9 @@ def run_arm(arm: Arm, workdir: str, bindings: Sequence[str] = ()) -> dict:
   row = {"task": arm.task, "arm": arm.name, "label": ARM_LABELS.get(arm.name, arm.name), "workdir": workdir,
          "steps": cfg.train.steps, "seconds": round(time.perf_counter() - t0, 1) if trained else None,
          "loss": (ev.get("heldout") or {}).get("loss", float("nan")), **report["summary"],
-         **{f"probe_{k}": v for k, v in report.get("probe_loss", {}).items()}}
+         **{f"probe_{k}": v for k, v in report.get("probe_loss", {}).items()},
+         "learned_sink": any(a.get(f) for a in report.get("attention", []) for f in ("sink_logit", "sink_token",
+                                                                                      "key_bias"))}
   if no_bos is not None:
     row["no_bos_sink_rate_proxy"] = no_bos["summary"].get("sink_rate_proxy")
     row["no_bos_sink_rate_raw"] = no_bos["summary"].get("sink_rate_raw")
@@ -137,6 +139,8 @@ def notes(row: dict) -> list[str]:
                (f", row mass {mass:.2f} (unnormalised)" if abs(mass - 1.0) > 0.05 else ""))
   if sink >= 0.3:
     out.append(f"mass parked on the learned sink ({sink:.2f}) instead of token 1")
+  elif row.get("learned_sink") and raw >= 50.0:
+    out.append(f"LEARNED SINK UNUSED (mass {sink:.2f}): the sink stayed on token 1")
   paper = PAPER.get(row["arm"], {})
   if "sink_1" in paper:
     ours = proxy if paper.get("proxy") else raw
