@@ -3,6 +3,8 @@
     attnlab train --gin_file experiments/X.gin [--gin_file more.gin] [--gin.KEY=VALUE ...] --workdir DIR [--force]
     attnlab eval  --workdir DIR [--gin_file ...] [--gin.KEY=VALUE ...]   (defaults to DIR/config.gin)
     attnlab sinks --workdir DIR [--gin_file ...] [--gin.KEY=VALUE ...]  (sink report: sinks.json + PNGs in DIR)
+    attnlab stream --workdir DIR [--length 512] [--streams 4] [--window W] [--sinks 4]
+                  (StreamingLLM table: full / window-only / sink + window perplexity, DIR/streaming/)
     attnlab sweep [--sweep experiments/sinks] --workdir DIR [--short] [--tasks bb,text] [--arms softmax,relu]
                   [--gin.KEY=VALUE ...]   (train + analyse every arm; DIR/sink_table.{md,json,png})
     attnlab demo  [--workdir runs/demo]   (= make demo: attnlab sweep --short, ~10 min on a 2-core CPU)
@@ -47,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
   for name, help_ in (("train", "train (or resume) a run in --workdir"),
                       ("eval", "evaluate the newest checkpoint of --workdir into eval.json"),
                       ("sinks", "sink report of the newest checkpoint of --workdir (sinks.json + PNGs)"),
+                      ("stream", "StreamingLLM perplexity of --workdir: full / window / sink + window caches"),
                       ("sweep", "train and analyse every arm of a sink sweep; write the comparison table"),
                       ("demo", "the short sink sweep (--short) into runs/demo, ~10 min on a 2-core CPU"),
                       ("compile", "AOT-compile the train step for a TPU topology and print memory per device")):
@@ -71,7 +74,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gin_bindings", action="append", default=[], help="a gin binding 'KEY = VALUE'")
     p.add_argument("--gin_search_path", action="append", default=[], help="directory for gin includes")
     p.add_argument("--workdir", required=True)
-    if name not in ("eval", "sinks"):
+    if name == "stream":
+      p.add_argument("--length", type=int, default=512, help="tokens per stream")
+      p.add_argument("--streams", type=int, default=4, help="number of held-out streams")
+      p.add_argument("--window", type=int, help="cache size (default: the training length)")
+      p.add_argument("--sinks", type=int, default=4, help="initial tokens kept by the sink + window cache")
+    if name not in ("eval", "sinks", "stream"):
       p.add_argument("--force", action="store_true", help="resume even if the workdir holds another config")
     g = p.add_argument_group("multi-process (jax.distributed)")
     g.add_argument("--coordinator", help="host:port of process 0")
@@ -164,6 +172,18 @@ def _sinks(args, bindings: list[str]) -> int:
   return 0
 
 
+def _stream(args, bindings: list[str]) -> int:
+  from attnlab.configs import build_experiment, parse_gin
+  from attnlab.streaming.workdir import stream_workdir
+
+  files = args.gin_file or [os.path.join(args.workdir, "config.gin")]
+  parse_gin(files, bindings, search_paths=args.gin_search_path)
+  print(stream_workdir(build_experiment(), args.workdir, length=args.length, num_streams=args.streams,
+                       window=args.window, n_sink=args.sinks))
+  print(f"wrote {os.path.join(args.workdir, 'streaming')}/streaming.md/.json/.png")
+  return 0
+
+
 def _sweep(args, bindings: list[str]) -> int:
   from attnlab.analysis.sweep import run_sweep
   from attnlab.configs import gin_layer
@@ -191,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
       return _eval(args, bindings)
     if args.command == "sinks":
       return _sinks(args, bindings)
+    if args.command == "stream":
+      return _stream(args, bindings)
     if args.command in ("sweep", "demo"):
       return _sweep(args, bindings)
     if args.command == "compile":

@@ -1,5 +1,6 @@
 """The sink study end to end: Bigram-Backcopy through the harness, sinks/* logged in training, ``attnlab sinks``
-on a trained run, the sweep on 2 tiny arms (table, reuse), the probe batches and the table's disagreement notes."""
+on a trained run, the sweep on 2 tiny arms (table, reuse), ``attnlab stream``, the probe batches and the table's
+disagreement notes."""
 
 import glob
 import json
@@ -74,6 +75,9 @@ def test_notes_name_disagreements():
   unused = {"arm": "key_bias", "sink_rate_proxy": 97.0, "sink_rate_raw": 97.0, "first_token_attn_raw": 0.8,
             "row_mass": 1.0, "sink_mass": 0.0, "learned_sink": True}
   assert any("LEARNED SINK UNUSED" in n for n in notes(unused))
+  broad = {"arm": "sigmoid_b0", "sink_rate_proxy": 0.0, "sink_rate_raw": 36.0, "first_token_attn_raw": 0.26,
+           "row_mass": 8.8, "sink_mass": 0.0}
+  assert any("RAW SAYS SINK" in n for n in notes(broad))
   assert notes({"arm": "softplus", "sink_rate_proxy": 0.0, "sink_rate_raw": 0.0}) == []
   md = format_table([{**switched_off, "task": "bb", "label": "ReLU/n", "steps": 3, "loss": 1.0,
                       "notes": notes(switched_off)}])
@@ -124,3 +128,9 @@ def test_sweep_two_tiny_arms(tmp_path, capsys):
   assert (tmp_path / "sink_table.png").exists() and (tmp_path / "text/softmax/sinks_no_bos/sinks.json").exists()
   assert main(args) == 0  # finished arms are reused, not retrained
   assert "bb/softmax: reused" in capsys.readouterr().out
+  text_run = str(tmp_path / "text/softmax")
+  assert main(["stream", "--workdir", text_run, "--length", "80", "--streams", "1", "--window", "16"]) == 0
+  assert "| sink+window | 4+12 |" in capsys.readouterr().out
+  assert (tmp_path / "text/softmax/streaming/streaming.png").exists()
+  assert main(["stream", "--workdir", str(tmp_path / "bb/softmax")]) == 1  # learned positions: refused, named
+  assert "learned absolute position" in capsys.readouterr().err

@@ -134,6 +134,9 @@ def notes(row: dict) -> list[str]:
   if proxy - raw >= 25.0:
     why = f"the head switched off (raw row mass {mass:.2f})" if mass < 0.9 else f"raw Sink_1 {raw:.0f} %"
     out.append(f"PROXY SAYS SINK ({proxy:.0f} %), RAW WEIGHTS DO NOT: {why}")
+  if raw - proxy >= 25.0:
+    out.append(f"RAW SAYS SINK ({raw:.0f} %), PROXY DOES NOT: unnormalised weights >= 0.3 on many keys (row mass "
+               f"{mass:.2f}), not a concentration on token 1")
   if raw >= 50.0:
     out.append(f"first-token sink on raw weights ({first:.2f} of each row)" +
                (f", row mass {mass:.2f} (unnormalised)" if abs(mass - 1.0) > 0.05 else ""))
