@@ -2,7 +2,12 @@
 
     attnlab train --gin_file experiments/X.gin [--gin_file more.gin] [--gin.KEY=VALUE ...] --workdir DIR [--force]
     attnlab eval  --workdir DIR [--gin_file ...] [--gin.KEY=VALUE ...]   (defaults to DIR/config.gin)
-    attnlab demo  [--workdir DIR] [--gin.KEY=VALUE ...]                  (experiments/demo.gin)
+    attnlab sinks --workdir DIR [--gin_file ...] [--gin.KEY=VALUE ...]  (sink report: sinks.json + PNGs in DIR)
+    attnlab stream --workdir DIR [--length 512] [--streams 4] [--window W] [--sinks 4]
+                  (StreamingLLM table: full / window-only / sink + window perplexity, DIR/streaming/)
+    attnlab sweep [--sweep experiments/sinks] --workdir DIR [--short] [--tasks bb,text] [--arms softmax,relu]
+                  [--gin.KEY=VALUE ...]   (train + analyse every arm; DIR/sink_table.{md,json,png})
+    attnlab demo  [--workdir runs/demo]   (= make demo: attnlab sweep --short, ~10 min on a 2-core CPU)
     attnlab compile --topology v5e:2x2 --gin_file experiments/X.gin [--gin.KEY=VALUE ...]
                   (AOT-compile the sharded train step for a TPU topology here; prints memory per device)
 
@@ -43,9 +48,21 @@ def _parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest="command", required=True)
   for name, help_ in (("train", "train (or resume) a run in --workdir"),
                       ("eval", "evaluate the newest checkpoint of --workdir into eval.json"),
-                      ("demo", "train the tiny byte-level LM on the embedded corpus (a few minutes on CPU)"),
+                      ("sinks", "sink report of the newest checkpoint of --workdir (sinks.json + PNGs)"),
+                      ("stream", "StreamingLLM perplexity of --workdir: full / window / sink + window caches"),
+                      ("sweep", "train and analyse every arm of a sink sweep; write the comparison table"),
+                      ("demo", "the short sink sweep (--short) into runs/demo, ~10 min on a 2-core CPU"),
                       ("compile", "AOT-compile the train step for a TPU topology and print memory per device")):
     p = sub.add_parser(name, help=help_)
+    if name in ("sweep", "demo"):
+      p.add_argument("--sweep", default=os.path.join("experiments", "sinks"),
+                     help="sweep directory: <task>/<arm>.gin files (+ <task>/_short.gin)")
+      p.add_argument("--workdir", required=name == "sweep", default="runs/demo" if name == "demo" else None)
+      p.add_argument("--short", action="store_true", default=name == "demo", help="apply each task's _short.gin")
+      p.add_argument("--tasks", help="comma-separated task folders (default: all)")
+      p.add_argument("--arms", help="comma-separated arms (default: all)")
+      p.add_argument("--gin_bindings", action="append", default=[], help="a gin binding for every arm")
+      continue
     if name == "compile":
       p.add_argument("--topology", required=True, help="e.g. v5e:2x2, v5e:4x4, v5p:2x2x2, v4:2x2x2")
       p.add_argument("--platform", default="tpu")
@@ -56,8 +73,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable; later files win)")
     p.add_argument("--gin_bindings", action="append", default=[], help="a gin binding 'KEY = VALUE'")
     p.add_argument("--gin_search_path", action="append", default=[], help="directory for gin includes")
-    p.add_argument("--workdir", required=name != "demo", default="runs/demo" if name == "demo" else None)
-    if name != "eval":
+    p.add_argument("--workdir", required=True)
+    if name == "stream":
+      p.add_argument("--length", type=int, default=512, help="tokens per stream")
+      p.add_argument("--streams", type=int, default=4, help="number of held-out streams")
+      p.add_argument("--window", type=int, help="cache size (default: the training length)")
+      p.add_argument("--sinks", type=int, default=4, help="initial tokens kept by the sink + window cache")
+    if name not in ("eval", "sinks", "stream"):
       p.add_argument("--force", action="store_true", help="resume even if the workdir holds another config")
     g = p.add_argument_group("multi-process (jax.distributed)")
     g.add_argument("--coordinator", help="host:port of process 0")
@@ -137,24 +159,68 @@ def _eval(args, bindings: list[str]) -> int:
   return 0
 
 
+def _sinks(args, bindings: list[str]) -> int:
+  from attnlab.analysis.workdir import format_summary, sink_report_workdir
+  from attnlab.configs import build_experiment, parse_gin
+
+  files = args.gin_file or [os.path.join(args.workdir, "config.gin")]
+  parse_gin(files, bindings, search_paths=args.gin_search_path)
+  reports = sink_report_workdir(build_experiment(), args.workdir)
+  for name, report in reports.items():
+    if report is not None:
+      print(format_summary(report))
+  print(f"wrote {os.path.join(args.workdir, 'sinks.json')} and " + ", ".join(reports["bos"]["files"][1:]))
+  return 0
+
+
+def _stream(args, bindings: list[str]) -> int:
+  from attnlab.configs import build_experiment, parse_gin
+  from attnlab.streaming.workdir import stream_workdir
+
+  files = args.gin_file or [os.path.join(args.workdir, "config.gin")]
+  parse_gin(files, bindings, search_paths=args.gin_search_path)
+  print(stream_workdir(build_experiment(), args.workdir, length=args.length, num_streams=args.streams,
+                       window=args.window, n_sink=args.sinks))
+  print(f"wrote {os.path.join(args.workdir, 'streaming')}/streaming.md/.json/.png")
+  return 0
+
+
+def _sweep(args, bindings: list[str]) -> int:
+  from attnlab.analysis.sweep import run_sweep
+  from attnlab.configs import gin_layer
+
+  sweep_dir = args.sweep if os.path.isdir(args.sweep) else os.path.join(gin_layer.REPO_ROOT, args.sweep)
+  split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None
+  _, table = run_sweep(sweep_dir, args.workdir, short=args.short, tasks=split(args.tasks), arms=split(args.arms),
+                       bindings=bindings, log=lambda line: print(line, flush=True))
+  print()
+  print(table)
+  print(f"wrote {os.path.join(args.workdir, 'sink_table')}.md/.json/.png")
+  return 0
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   rest, bindings = _split_gin_flags(argv)
   args = _parser().parse_args(rest)
   bindings = args.gin_bindings + bindings
-  from attnlab.configs import ConfigError, gin_layer
+  from attnlab.configs import ConfigError
   from attnlab.train.loop import NonFiniteLossError
 
   try:
     if args.command == "eval":
       return _eval(args, bindings)
+    if args.command == "sinks":
+      return _sinks(args, bindings)
+    if args.command == "stream":
+      return _stream(args, bindings)
+    if args.command in ("sweep", "demo"):
+      return _sweep(args, bindings)
     if args.command == "compile":
       if not args.gin_file:
         raise ConfigError("give at least one --gin_file")
       return _compile(args, bindings)
     files = args.gin_file
-    if args.command == "demo":
-      files = [os.path.join(gin_layer.REPO_ROOT, "experiments", "demo.gin"), *files]
     if not files:
       raise ConfigError("give at least one --gin_file")
     return _train(args, bindings, files)

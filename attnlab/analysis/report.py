@@ -149,7 +149,7 @@ def _plot_history(records, path) -> bool:
 
 def write_sink_report(model, tokens, out_dir: str, history: str | Iterable[Mapping[str, Any]] | None = None, *,
                       k: int = 1, eps: float = 0.3, query_mask=None, sample: int = 0,
-                      num_maps: int = 4) -> dict[str, Any]:
+                      num_maps: int = 4, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """Runs ``model`` on ``tokens`` (batch, seq) with internals and writes ``sinks.json`` + PNG plots to ``out_dir``.
 
   Args:
@@ -158,6 +158,7 @@ def write_sink_report(model, tokens, out_dir: str, history: str | Iterable[Mappi
     history: ``metrics.jsonl`` path or records with ``step`` and ``sinks/<key>`` scalars (:func:`history_record`).
     k, eps: the key position (1-based) and threshold of ``Sink_k^eps``.
     query_mask: optional (batch, seq) bool; restricts first-token attention/row mass to these queries.
+    extra: more top-level entries for ``sinks.json`` (e.g. the training step).
   Returns the metrics dict that was written (with numpy arrays).
   """
   import matplotlib
@@ -168,7 +169,7 @@ def write_sink_report(model, tokens, out_dir: str, history: str | Iterable[Mappi
   metrics = model_metrics(internals, k=k, eps=eps, query_mask=query_mask)
   os.makedirs(out_dir, exist_ok=True)
   report = {"probe": {"batch": int(tokens.shape[0]), "seq": int(tokens.shape[1])},
-            "attention": _layer_descriptions(model), **metrics}
+            "attention": _layer_descriptions(model), **metrics, **(extra or {})}
   files = ["sinks.json", "sink_rate.png", "norm_ratio.png"]
   _plot_heatmaps(metrics, os.path.join(out_dir, "sink_rate.png"))
   _plot_norms(metrics, os.path.join(out_dir, "norm_ratio.png"))

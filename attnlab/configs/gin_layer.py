@@ -8,6 +8,7 @@ import warnings
 import gin
 
 import attnlab.attention.variants  # noqa: F401  (registers every attention kind)
+from attnlab.analysis.config import AnalysisConfig
 from attnlab.attention.config import AttentionConfig
 from attnlab.attention.registry import attention_config_class, attention_kinds
 from attnlab.data import synthetic
@@ -22,7 +23,7 @@ from attnlab.train.experiment import ExperimentConfig
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PARTS = {"model": ModelConfig, "data": DataConfig, "optimizer": OptimizerConfig, "train": TrainConfig,
-         "eval": EvalConfig, "mesh": MeshConfig}
+         "eval": EvalConfig, "analysis": AnalysisConfig, "mesh": MeshConfig}
 _REGISTERED: dict[str, type] = {}
 _WRAPPED: dict[type, object] = {}
 

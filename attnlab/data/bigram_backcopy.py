@@ -12,16 +12,23 @@ Tiny-Shakespeare (65 characters + ``<s>`` + an unused delimiter ``<d>``, V = 67)
 so :func:`default_chain` builds the chain from the English text embedded in Python (``pydoc_data.topics``): the
 64 most frequent characters plus one "other character" token, ``<s>`` and ``<d>`` (V = 67); its triggers are
 ' ', 'e' and 't', the same three as Tiny-Shakespeare's.
+
+Through the training harness: ``DataConfig.source = 'synthetic'``, ``DataConfig.task = @BigramBackcopyConfig()``
+and ``ModelConfig.vocab_size = 67`` (``experiments/bigram_backcopy.gin``). The task has its own vocabulary and
+``<s>``; the run's tokenizer is not used.
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 import functools
 import re
 
 import numpy as np
+
+from attnlab.data.synthetic import register_task
 
 OTHER = "\ufffd"  # the one token every character outside the vocabulary maps to
 
@@ -91,10 +98,11 @@ def build_chain(text: str, *, num_chars: int = 65, num_triggers: int = 3) -> Big
 
 
 @functools.cache
-def default_chain() -> BigramChain:
+def default_chain(num_chars: int = 65, num_triggers: int = 3) -> BigramChain:
   """The chain attnlab ships: built from Python's embedded documentation text (``pydoc_data.topics``)."""
   from pydoc_data.topics import topics
-  return build_chain(clean_text("\n".join(topics[k] for k in sorted(topics))))
+  return build_chain(clean_text("\n".join(topics[k] for k in sorted(topics))), num_chars=num_chars,
+                     num_triggers=num_triggers)
 
 
 def _sample_rows(cdf: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -149,3 +157,63 @@ class BigramBackcopy:
     while True:
       yield self.batch(step)
       step += 1
+
+
+# ------------------------------------------------------------------------------------- the harness's synthetic task
+@dataclasses.dataclass(frozen=True)
+class BigramBackcopyConfig:
+  """Bigram-Backcopy as a synthetic task of the training harness (one fresh row per example).
+
+  The vocabulary is the chain's (``num_chars + 2`` ids: characters, ``<s>``, ``<d>``; 67 by default, so set
+  ``ModelConfig.vocab_size`` to it); the loss covers every target, as in Guo et al.
+  """
+
+  num_chars: int = 65
+  num_triggers: int = 3
+
+  @property
+  def chain(self) -> BigramChain:
+    return default_chain(self.num_chars, self.num_triggers)
+
+  @property
+  def vocab_size(self) -> int:
+    return self.num_chars + 2
+
+  def probe_query_mask(self, inputs: np.ndarray) -> np.ndarray:
+    """The queries the sink metrics average over: non-trigger positions (Guo et al.'s ``Attn_<s>``)."""
+    return ~trigger_mask(self.chain, inputs)
+
+
+@functools.cache
+def _row_sampler(chain: BigramChain):
+  """Python-list cumulative rows for a fast single-row sampler (one ``bisect`` per token)."""
+  cdf = [list(np.cumsum(row)) for row in chain.transition]
+  first = chain.marginal.copy()
+  first[list(chain.triggers)] = 0.0
+  first[chain.bos_id] = 0.0
+  return cdf, list(np.cumsum(first)), frozenset(chain.triggers)
+
+
+def sample_row(chain: BigramChain, length: int, rng: np.random.Generator) -> np.ndarray:
+  """One BB sequence of ``length`` tokens (same law as :func:`sample_sequences`, ~20x faster for one row)."""
+  if length < 2:
+    raise ValueError(f"length must be >= 2 (BOS + one token); got {length}")
+  cdf, first, triggers = _row_sampler(chain)
+  u = rng.random(length).tolist()
+  last = len(first) - 1
+  seq = [chain.bos_id, min(bisect.bisect_right(first, u[1] * first[-1]), last)]
+  for t in range(2, length):
+    cur = seq[-1]
+    if cur in triggers:
+      seq.append(seq[-2])
+    else:
+      row = cdf[cur]
+      seq.append(min(bisect.bisect_right(row, u[t] * row[-1]), last))
+  return np.asarray(seq, np.int32)
+
+
+@register_task(BigramBackcopyConfig)
+def bigram_backcopy_row(cfg: BigramBackcopyConfig, rng: np.random.Generator, seq_len: int, tokenizer=None):
+  """Harness generator: ``(tokens (seq_len + 1,), loss_mask (seq_len,))``; ``tokenizer`` is unused (own vocab)."""
+  del tokenizer
+  return sample_row(cfg.chain, seq_len + 1, rng), np.ones(seq_len, np.float32)

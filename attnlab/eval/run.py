@@ -43,8 +43,8 @@ def run_evaluation(exp_cfg, eval_graphdef, params, rest, workdir: str, *, step: 
   return result
 
 
-def evaluate_workdir(exp_cfg, workdir: str) -> dict:
-  """Restores the newest checkpoint of ``workdir`` and runs :func:`run_evaluation`."""
+def restore_state(exp_cfg, workdir: str):
+  """(step, eval graphdef, train state) of the newest readable checkpoint of ``workdir``; ValueError if none."""
   from attnlab.train.loop import build_state
   from attnlab.train.checkpoint import Checkpointer
 
@@ -55,6 +55,12 @@ def evaluate_workdir(exp_cfg, workdir: str) -> dict:
   finally:
     ckpt.close()
   if restored is None:
-    raise ValueError(f"no checkpoint in {workdir!r} to evaluate")
+    raise ValueError(f"no checkpoint in {workdir!r} to restore")
   step, state, _, _ = restored
+  return step, eval_graphdef, state
+
+
+def evaluate_workdir(exp_cfg, workdir: str) -> dict:
+  """Restores the newest checkpoint of ``workdir`` and runs :func:`run_evaluation`."""
+  step, eval_graphdef, state = restore_state(exp_cfg, workdir)
   return run_evaluation(exp_cfg, eval_graphdef, state["params"], state["rest"], workdir, step=step)

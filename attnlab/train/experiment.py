@@ -1,9 +1,10 @@
-"""The whole run's configuration: model, data, optimizer, training and evaluation."""
+"""The whole run's configuration: model, data, optimizer, training, evaluation and sink analysis."""
 
 from __future__ import annotations
 
 import dataclasses
 
+from attnlab.analysis.config import AnalysisConfig
 from attnlab.data.pipeline import DataConfig
 from attnlab.eval.config import EvalConfig
 from attnlab.model.config import ModelConfig
@@ -30,6 +31,7 @@ class ExperimentConfig:
   optimizer: OptimizerConfig = OptimizerConfig()
   train: TrainConfig = TrainConfig()
   eval: EvalConfig = EvalConfig()
+  analysis: AnalysisConfig = AnalysisConfig()
   # How the run is laid out on devices, not what it computes: left out of the run record (repr) and equality,
   # so a run may resume on another mesh.
   mesh: MeshConfig = dataclasses.field(default=MeshConfig(), repr=False, compare=False)

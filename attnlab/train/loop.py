@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from attnlab.analysis.probe import probe_batch, probe_scalars
 from attnlab.data.pipeline import make_dataset
 from attnlab.data.tokenizer import make_tokenizer
 from attnlab.eval.extrapolation import heldout_batches
@@ -166,6 +167,11 @@ def train(cfg: ExperimentConfig, workdir: str, *, force: bool = False, process_i
   if tc.eval_every:
     eval_batches = heldout_batches(cfg.data, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
                                    num_batches=cfg.eval.in_training_batches, tokenizer=tokenizer)
+  acfg = cfg.analysis
+  probe = probe_batch(cfg.data, acfg, tokenizer=tokenizer) if acfg.every else None
+
+  def log_sinks(step: int) -> None:  # sink metrics on the fixed probe batch (AnalysisConfig.every)
+    writer.write(step, probe_scalars(eval_graphdef, state["params"], state["rest"], probe, acfg))
 
   history: list[dict] = []
   last_saved = start if restored is not None else None
@@ -198,6 +204,8 @@ def train(cfg: ExperimentConfig, workdir: str, *, force: bool = False, process_i
   status, pending, step = "finished", None, start
   try:
     with _StopFlag() as stop:
+      if probe is not None and start == 0:
+        log_sinks(0)
       for step in range(start, tc.steps):
         if stop.signal is not None:
           status = "interrupted"
@@ -218,6 +226,11 @@ def train(cfg: ExperimentConfig, workdir: str, *, force: bool = False, process_i
           res = evaluate_batches(eval_graphdef, state["params"], state["rest"], eval_batches,
                                  tokenizer.byte_lengths())
           writer.write(done, {f"eval/{k}": v for k, v in res.items() if k in ("loss", "bits_per_byte")})
+        if probe is not None and (done % acfg.every == 0 or done == tc.steps):
+          if pending is not None:
+            finish_step(*pending)
+            pending = None
+          log_sinks(done)
         step = done
       if pending is not None:
         finish_step(*pending)

@@ -1,0 +1,243 @@
+"""The sink-reproduction sweep: train every arm of every task, analyse it, and compare (``attnlab sweep``).
+
+A sweep directory holds one folder per task with one gin file per arm (``experiments/sinks/bb/softmax.gin``,
+``experiments/sinks/text/relu.gin``, ...); a task folder's ``_short.gin`` holds the overrides of ``--short``.
+Each arm trains in ``WORKDIR/<task>/<arm>`` through the ordinary harness (resuming an interrupted run, skipping a
+finished one that already has its ``sinks.json``), then gets its sink report (:mod:`attnlab.analysis.workdir`).
+The comparison goes to ``WORKDIR/sink_table.{md,json,png}``: final loss, Gu's ``Sink_1^0.3`` on the proxy AND on
+the raw weights, raw first-token weight and row mass, learned-sink mass, value-norm and hidden-norm ratios, the
+published number where there is one (:mod:`attnlab.analysis.paper`), and notes that name every disagreement
+(proxy vs raw, ours vs the paper).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+
+from attnlab.analysis.paper import GU_SETUP, PAPER, paper_cell
+
+SHORT_FILE = "_short.gin"
+TABLE = "sink_table"
+# Table order and labels of the known arms; other arms follow alphabetically under their file names.
+ARM_LABELS = {
+    "softmax": "softmax",
+    "sigmoid_b0": "σ(s), b = 0 (Gu's sigmoid w/o norm)",
+    "sigmoid_logn": "σ(s − log n) (Ramapuram et al.)",
+    "sigmoid_norm": "σ(s) row-normalised (Gu's sigmoid w/ norm)",
+    "relu": "ReLU/n (Guo et al.)",
+    "key_bias": "softmax + key bias, v = 0",
+    "sink_token": "softmax + learnable sink token",
+    "sink_logit": "softmax + per-head sink logit",
+    "gated": "softmax + output gate",
+    "softpick": "softpick",
+    "softplus": "softplus (LSSA)",
+}
+TASK_LABELS = {"bb": "Bigram-Backcopy (1 layer, 1 head, d 64, T 64)",
+               "text": "embedded-corpus byte LM (2 layers, 4 heads, d 64, T 64)"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+  task: str
+  name: str
+  gin_files: tuple[str, ...]  # the arm's file, then the task's _short.gin with --short
+
+
+def discover(sweep_dir: str, *, short: bool = False, tasks: Sequence[str] | None = None,
+             arms: Sequence[str] | None = None) -> list[Arm]:
+  """The arms of ``sweep_dir`` (``<task>/<arm>.gin``), in table order, filtered by ``tasks`` / ``arms``."""
+  if not os.path.isdir(sweep_dir):
+    raise ValueError(f"sweep directory {sweep_dir!r} does not exist")
+  found = sorted(d for d in os.listdir(sweep_dir) if glob.glob(os.path.join(sweep_dir, d, "*.gin")))
+  if tasks:
+    missing = sorted(set(tasks) - set(found))
+    if missing:
+      raise ValueError(f"unknown task(s) {missing} in {sweep_dir!r}; found {found}")
+    found = [t for t in found if t in tasks]
+  order = list(ARM_LABELS)
+  out = []
+  for task in found:
+    folder = os.path.join(sweep_dir, task)
+    names = [os.path.basename(f)[:-4] for f in glob.glob(os.path.join(folder, "*.gin"))]
+    names = sorted((n for n in names if not n.startswith("_")),
+                   key=lambda n: (order.index(n) if n in order else len(order), n))
+    short_file = os.path.join(folder, SHORT_FILE)
+    if short and not os.path.isfile(short_file):
+      raise ValueError(f"--short needs {short_file}")
+    for name in names:
+      if arms and name not in arms:
+        continue
+      files = (os.path.join(folder, name + ".gin"),) + ((short_file,) if short else ())
+      out.append(Arm(task, name, files))
+  if arms:
+    missing = sorted(set(arms) - {a.name for a in out})
+    if missing:
+      raise ValueError(f"unknown arm(s) {missing} in {sweep_dir!r}")
+  if not out:
+    raise ValueError(f"no arms found in {sweep_dir!r} (expected <task>/<arm>.gin files)")
+  return out
+
+
+def _read_json(path: str) -> dict | None:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def run_arm(arm: Arm, workdir: str, bindings: Sequence[str] = ()) -> dict:
+  """Trains (or resumes, or reuses) one arm in ``workdir`` and returns its table row."""
+  from attnlab.analysis.workdir import NO_BOS_DIR, sink_report_workdir
+  from attnlab.configs import build_experiment, parse_gin, write_run_configs
+  from attnlab.train.loop import check_workdir, train
+
+  parse_gin(list(arm.gin_files), list(bindings))
+  cfg = build_experiment()
+  check_workdir(workdir, cfg)
+  report = _read_json(os.path.join(workdir, "sinks.json"))
+  t0 = time.perf_counter()
+  trained = report is None or report.get("step") != cfg.train.steps
+  if trained:
+    write_run_configs(workdir, f"# attnlab sweep: {' '.join(arm.gin_files)} {' '.join(bindings)}\n\n")
+    train(cfg, workdir)
+    reports = sink_report_workdir(cfg, workdir)
+    report, no_bos = reports["bos"], reports["no_bos"]
+  else:
+    no_bos = _read_json(os.path.join(workdir, NO_BOS_DIR, "sinks.json"))
+  ev = _read_json(os.path.join(workdir, "eval.json")) or {}
+  row = {"task": arm.task, "arm": arm.name, "label": ARM_LABELS.get(arm.name, arm.name), "workdir": workdir,
+         "steps": cfg.train.steps, "seconds": round(time.perf_counter() - t0, 1) if trained else None,
+         "loss": (ev.get("heldout") or {}).get("loss", float("nan")), **report["summary"],
+         **{f"probe_{k}": v for k, v in report.get("probe_loss", {}).items()},
+         "learned_sink": any(a.get(f) for a in report.get("attention", []) for f in ("sink_logit", "sink_token",
+                                                                                      "key_bias"))}
+  if no_bos is not None:
+    row["no_bos_sink_rate_proxy"] = no_bos["summary"].get("sink_rate_proxy")
+    row["no_bos_sink_rate_raw"] = no_bos["summary"].get("sink_rate_raw")
+  row["notes"] = notes(row)
+  return row
+
+
+def notes(row: dict) -> list[str]:
+  """Plain-words flags: where the proxy and the raw weights disagree, where the mass went, and where our number
+  disagrees with the paper's."""
+  out = []
+  proxy, raw = row.get("sink_rate_proxy", 0.0), row.get("sink_rate_raw", 0.0)
+  first, mass, sink = row.get("first_token_attn_raw", 0.0), row.get("row_mass", 1.0), row.get("sink_mass", 0.0)
+  if proxy - raw >= 25.0:
+    why = f"the head switched off (raw row mass {mass:.2f})" if mass < 0.9 else f"raw Sink_1 {raw:.0f} %"
+    out.append(f"PROXY SAYS SINK ({proxy:.0f} %), RAW WEIGHTS DO NOT: {why}")
+  if raw - proxy >= 25.0:
+    out.append(f"RAW SAYS SINK ({raw:.0f} %), PROXY DOES NOT: unnormalised weights >= 0.3 on many keys (row mass "
+               f"{mass:.2f}), not a concentration on token 1")
+  if raw >= 50.0:
+    out.append(f"first-token sink on raw weights ({first:.2f} of each row)" +
+               (f", row mass {mass:.2f} (unnormalised)" if abs(mass - 1.0) > 0.05 else ""))
+  if sink >= 0.3:
+    out.append(f"mass parked on the learned sink ({sink:.2f}) instead of token 1")
+  elif row.get("learned_sink") and raw >= 50.0:
+    out.append(f"LEARNED SINK UNUSED (mass {sink:.2f}): the sink stayed on token 1")
+  paper = PAPER.get(row["arm"], {})
+  if "sink_1" in paper:
+    ours = proxy if paper.get("proxy") else raw
+    if (paper["sink_1"] < 5.0 and ours >= 30.0) or (paper["sink_1"] >= 10.0 and ours < 5.0):
+      out.append(f"DISAGREES WITH THE PAPER: {paper['sink_1']:.2f} % there, {ours:.0f} % here")
+  return out
+
+
+def _fmt(x, spec: str = ".2f") -> str:
+  if x is None or (isinstance(x, float) and math.isnan(x)):
+    return "—"
+  return format(x, spec)
+
+
+def format_table(rows: Sequence[dict], *, short: bool = False) -> str:
+  """Markdown: one table per task, with the paper's numbers and the notes beside ours."""
+  parts = []
+  for task in dict.fromkeys(r["task"] for r in rows):
+    trs = [r for r in rows if r["task"] == task]
+    has_bc = any("probe_ce_unmasked" in r for r in trs)
+    has_nobos = any("no_bos_sink_rate_proxy" in r for r in trs)
+    head = ["arm", "loss"] + (["backcopy CE"] if has_bc else []) + [
+        "Sink_1^0.3 proxy %", "Sink_1^0.3 raw %"] + (["Sink_1 proxy, no BOS %"] if has_nobos else []) + [
+        "raw first-token weight", "raw row mass", "learned-sink mass", "‖v_1‖/mean‖v‖", "‖h_1‖/mean‖h‖ (max)",
+        "paper: Sink_1 % / loss", "notes"]
+    steps = sorted({r["steps"] for r in trs})
+    lines = [f"**{TASK_LABELS.get(task, task)}**, {'/'.join(map(str, steps))} steps"
+             f"{' (--short)' if short else ''}", "", "| " + " | ".join(head) + " |",
+             "|" + "---|" * len(head)]
+    for r in trs:
+      cells = [r["label"], _fmt(r["loss"], ".3f")] + ([_fmt(r.get("probe_ce_unmasked"), ".3f")] if has_bc else [])
+      cells += [_fmt(r.get("sink_rate_proxy"), ".1f"), _fmt(r.get("sink_rate_raw"), ".1f")]
+      cells += [_fmt(r.get("no_bos_sink_rate_proxy"), ".1f")] if has_nobos else []
+      cells += [_fmt(r.get("first_token_attn_raw")), _fmt(r.get("row_mass")), _fmt(r.get("sink_mass")),
+                _fmt(r.get("value_norm_ratio")), _fmt(r.get("massive_ratio")), paper_cell(r["arm"]),
+                "; ".join(r["notes"])]
+      lines.append("| " + " | ".join(cells) + " |")
+    parts.append("\n".join(lines))
+  legend = (f"Loss: held-out next-token CE (nats; per byte for text). Sink_1^0.3: % of (sequence, layer, head) "
+            f"whose first token gets mean weight > 0.3 (Gu et al.); proxy = weights renormalised per row, raw = the "
+            f"weights themselves. Raw first-token weight and row mass: mean over queries (BB: non-trigger queries). "
+            f"Paper: {GU_SETUP}; * = proxy score; 3rd-party = unverified summary (shared/research/sinks.md).")
+  return "\n\n".join(parts) + "\n\n" + legend + "\n"
+
+
+def plot_table(rows: Sequence[dict], path: str) -> str:
+  """Grouped bars per task: Sink_1 proxy and raw (%), raw first-token weight and learned-sink mass (x100)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import numpy as np
+
+  tasks = list(dict.fromkeys(r["task"] for r in rows))
+  series = (("sink_rate_proxy", "Sink_1 proxy %", 1.0), ("sink_rate_raw", "Sink_1 raw %", 1.0),
+            ("first_token_attn_raw", "raw first-token weight x100", 100.0),
+            ("sink_mass", "learned-sink mass x100", 100.0))
+  fig, axes = plt.subplots(len(tasks), 1, figsize=(11, 3.4 * len(tasks)), squeeze=False)
+  for ax, task in zip(axes[:, 0], tasks):
+    trs = [r for r in rows if r["task"] == task]
+    x = np.arange(len(trs))
+    for i, (key, label, scale) in enumerate(series):
+      ax.bar(x + (i - 1.5) * 0.2, [scale * (r.get(key) or 0.0) for r in trs], 0.2, label=label)
+    ax.set_xticks(x, [r["arm"] for r in trs], rotation=30, ha="right", fontsize=8)
+    ax.set(ylim=(0, 105), title=TASK_LABELS.get(task, task))
+    ax.legend(fontsize=7, ncol=4)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def write_table(rows: Sequence[dict], workdir: str, *, short: bool = False) -> str:
+  """Writes ``sink_table.md/.json/.png`` to ``workdir``; returns the Markdown."""
+  os.makedirs(workdir, exist_ok=True)
+  md = format_table(rows, short=short)
+  with open(os.path.join(workdir, TABLE + ".md"), "w") as f:
+    f.write(md)
+  with open(os.path.join(workdir, TABLE + ".json"), "w") as f:
+    json.dump({"short": short, "paper_setup": GU_SETUP, "paper": PAPER, "rows": list(rows)}, f, indent=1)
+  plot_table(rows, os.path.join(workdir, TABLE + ".png"))
+  return md
+
+
+def run_sweep(sweep_dir: str, workdir: str, *, short: bool = False, tasks: Sequence[str] | None = None,
+              arms: Sequence[str] | None = None, bindings: Sequence[str] = (),
+              log: Callable[[str], None] = print) -> tuple[list[dict], str]:
+  """Runs every arm (see the module docstring); returns (rows, Markdown table)."""
+  todo = discover(sweep_dir, short=short, tasks=tasks, arms=arms)
+  rows = []
+  for i, arm in enumerate(todo, 1):
+    row = run_arm(arm, os.path.join(workdir, arm.task, arm.name), bindings)
+    rows.append(row)
+    took = f"trained in {row['seconds']:.0f} s" if row["seconds"] is not None else "reused"
+    log(f"[{i}/{len(todo)}] {arm.task}/{arm.name}: {took}; loss {row['loss']:.3f}, Sink_1 proxy "
+        f"{row.get('sink_rate_proxy', float('nan')):.1f} %, raw {row.get('sink_rate_raw', float('nan')):.1f} %, "
+        f"raw first-token weight {row.get('first_token_attn_raw', float('nan')):.2f}")
+  return rows, write_table(rows, workdir, short=short)
