@@ -50,6 +50,12 @@ def apply_rope(x: jax.Array, positions: jax.Array, base: float = 10_000.0) -> ja
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+def apply_2d(linear: nnx.Linear, x: jax.Array) -> jax.Array:
+  """``linear(x)`` over the flattened leading axes: XLA:CPU differentiates a 2-D matmul ~1.5x faster than the
+  same contraction over (batch, seq, features) (benchmarks/train_throughput.py)."""
+  return linear(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+
+
 def make_norm(kind: str, dim: int, eps: float, *, rngs: nnx.Rngs, dtype=jnp.float32) -> nnx.Module:
   if kind == "rmsnorm":
     return nnx.RMSNorm(dim, epsilon=eps, dtype=dtype, rngs=rngs)
@@ -73,7 +79,7 @@ class MLP(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.activation == "swiglu":
-      h = jax.nn.silu(self.gate(x)) * self.up(x)
+      h = jax.nn.silu(apply_2d(self.gate, x)) * apply_2d(self.up, x)
     else:
-      h = (jax.nn.gelu if self.activation == "gelu" else jax.nn.relu)(self.up(x))
-    return self.down(h)
+      h = (jax.nn.gelu if self.activation == "gelu" else jax.nn.relu)(apply_2d(self.up, x))
+    return apply_2d(self.down, h)

@@ -15,7 +15,7 @@ from flax import nnx
 
 import attnlab.attention.variants  # noqa: F401  (registers every attention kind)
 from attnlab.attention.registry import attention_module_for
-from attnlab.layers import MLP, embed_init, kernel_init, make_norm
+from attnlab.layers import MLP, apply_2d, embed_init, kernel_init, make_norm
 from attnlab.model.config import ModelConfig
 from attnlab.parallel.sharding import constrain
 
@@ -77,7 +77,7 @@ class DecoderLM(nnx.Module):
         hidden.append(h)
         layers.append(aux)
     h = self.final_norm(h)
-    logits = self.embed.attend(h) if self.head is None else self.head(h)
+    logits = self.embed.attend(h) if self.head is None else apply_2d(self.head, h)
     logits = constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
     if not (return_aux or return_internals):
       return logits

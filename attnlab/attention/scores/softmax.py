@@ -48,17 +48,19 @@ def softmax_blockwise(ctx):
   return SoftmaxBlockwise()
 
 
-@register_score("softmax", supports_sink_logits=True, blockwise=softmax_blockwise)
+@register_score("softmax", supports_sink_logits=True)
 def softmax_weights(s, mask, *, sink_logits=None, ctx=None):
-  """p_ij = exp(s_ij) / (sum_j exp(s_ij) + exp(sink_h)); masked -> 0; empty row without sink -> 0."""
+  """p_ij = exp(s_ij) / (sum_j exp(s_ij) + exp(sink_h)); masked -> 0; empty row without sink -> 0.
+
+  Built on ``jax.nn.softmax`` (max-shifted, with its cheap custom VJP): masked logits become the most negative
+  finite float, so they get weight exactly 0 next to any visible key (or the sink), and an all-masked row
+  becomes uniform before the final ``where`` zeroes it, without NaNs in the forward or the gradient.
+  """
   del ctx
-  s = jnp.where(mask, s, -jnp.inf)
-  m = jnp.max(s, axis=-1, keepdims=True)
-  if sink_logits is not None:
-    m = jnp.maximum(m, sink_logits)
-  m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
-  e = jnp.where(mask, jnp.exp(s - m), 0.0)
-  denom = jnp.sum(e, axis=-1, keepdims=True)
-  if sink_logits is not None:
-    denom = denom + jnp.exp(sink_logits - m)
-  return e / jnp.where(denom > 0, denom, 1.0)
+  s = jnp.where(mask, s, jnp.finfo(s.dtype).min)
+  if sink_logits is None:
+    p = jax.nn.softmax(s, axis=-1)
+  else:
+    sink = jnp.broadcast_to(sink_logits.astype(s.dtype), s.shape[:-1] + (1,))
+    p = jax.nn.softmax(jnp.concatenate([s, sink], axis=-1), axis=-1)[..., :-1]
+  return jnp.where(mask, p, 0.0)

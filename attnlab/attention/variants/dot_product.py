@@ -23,7 +23,7 @@ from attnlab.attention.config import AttentionConfig
 from attnlab.attention.core import attend, attention_weights
 from attnlab.attention.masks import causal_mask, segment_mask
 from attnlab.attention.registry import register_attention
-from attnlab.layers import apply_rope, kernel_init
+from attnlab.layers import apply_2d, apply_rope, kernel_init
 
 
 class QKVProjection(nnx.Module):
@@ -45,9 +45,9 @@ class QKVProjection(nnx.Module):
 
   def __call__(self, x: jax.Array, positions: jax.Array):
     b, t, _ = x.shape
-    q = self.q(x).reshape(b, t, self.cfg.num_heads, self.head_dim)
-    k = self.k(x).reshape(b, t, self.cfg.kv_heads, self.head_dim)
-    v = self.v(x).reshape(b, t, self.cfg.kv_heads, self.head_dim)
+    q = apply_2d(self.q, x).reshape(b, t, self.cfg.num_heads, self.head_dim)
+    k = apply_2d(self.k, x).reshape(b, t, self.cfg.kv_heads, self.head_dim)
+    v = apply_2d(self.v, x).reshape(b, t, self.cfg.kv_heads, self.head_dim)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     if self.cfg.rope:
@@ -125,7 +125,7 @@ class DotProductAttention(nnx.Module):
     o = attend(q, k, v, score=cfg.score, sink_logits=sinks, impl=cfg.impl, **kw, **cfg.score_kwargs)
     if self.gate is not None:
       o = self.gate(x, o)
-    y = self.o(o.reshape(b, t, -1))
+    y = apply_2d(self.o, o.reshape(b, t, -1))
     aux = {}
     if return_internals:
       w = attention_weights(q, k, score=cfg.score, sink_logits=sinks, **kw, **cfg.score_kwargs)
