@@ -48,7 +48,7 @@ def softmax_blockwise(ctx):
   return SoftmaxBlockwise()
 
 
-@register_score("softmax", supports_sink_logits=True)
+@register_score("softmax", supports_sink_logits=True, blockwise=softmax_blockwise)
 def softmax_weights(s, mask, *, sink_logits=None, ctx=None):
   """p_ij = exp(s_ij) / (sum_j exp(s_ij) + exp(sink_h)); masked -> 0; empty row without sink -> 0.
 
