@@ -99,9 +99,9 @@ def main() -> None:
               "median_vs_median_peak": flops / median / peak_median},
       "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} vCPU, jax {jax.__version__} "
                   f"{jax.devices()[0].platform}",
-      "note": "Shared 2-vCPU machine (≈1 core of FP throughput) with other jobs running: peak and step times are "
-              "noisy; both best and median are given. MFU uses XLA's FLOP count of the whole step "
-              "(forward, backward, AdamW).",
+      "note": "Cloud vCPUs are noisy (the 2048^2 matmul peak itself varied 97-200 GFLOP/s between days): both best "
+              "and median are given, and the peak is measured in the same run. MFU uses XLA's FLOP count of the whole "
+              "step (forward, backward, AdamW).",
   }
   os.makedirs(os.path.dirname(OUT), exist_ok=True)
   with open(OUT, "w") as f:
