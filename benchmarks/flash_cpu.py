@@ -14,7 +14,6 @@ import platform
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import attnlab
 from kernels_pallas.flash import BlockSizes, flash_attention

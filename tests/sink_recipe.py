@@ -10,7 +10,6 @@ The full sweep uses the training harness; this file exists so the calibration is
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 
 from attnlab.data.pipeline import ArrayIterator, make_dataset
 from attnlab.eval.lm_eval import evaluate_batches
+from attnlab.eval.plotting import plot_vs_length
 
 
 def heldout_batches(data_cfg, *, seq_len: int, batch_size: int, num_batches: int, tokenizer):
@@ -52,22 +52,5 @@ def format_table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: str, title: str = "length extrapolation") -> str | None:
-  done = [r for r in rows if "skipped" not in r]
-  if not done:
-    return None
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(5, 3.5))
-  ax.plot([r["seq_len"] for r in done], [r["bits_per_byte"] for r in done], "o-")
-  ax.set_xscale("log", base=2)
-  ax.set_xlabel("evaluation length (tokens)")
-  ax.set_ylabel("held-out bits per byte")
-  ax.set_title(title)
-  ax.grid(alpha=0.3)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return plot_vs_length(rows, path, series=[("bits_per_byte", "bits per byte", "o-")],
+                        xlabel="evaluation length (tokens)", ylabel="held-out bits per byte", title=title)

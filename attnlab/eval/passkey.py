@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from collections.abc import Callable
 
 import jax
@@ -28,6 +27,7 @@ from flax import nnx
 from attnlab.data.landmark import insert_landmarks
 from attnlab.data.special_tokens import LandmarkTokens
 from attnlab.data.synthetic import PASSKEY_PREFIX, PasskeyConfig, passkey_row
+from attnlab.eval.plotting import plot_vs_length
 from attnlab.train.step import forward
 
 INFERENCE = ("auto", "forward", "landmark")
@@ -141,25 +141,6 @@ def format_table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: str, title: str = "passkey retrieval") -> str | None:
-  done = [r for r in rows if "skipped" not in r]
-  if not done:
-    return None
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(5, 3.5))
-  ax.plot([r["seq_len"] for r in done], [r["accuracy"] for r in done], "o-", label="passkey (all digits)")
-  ax.plot([r["seq_len"] for r in done], [r["digit_accuracy"] for r in done], "s--", label="digits")
-  ax.set_xscale("log", base=2)
-  ax.set_ylim(-0.05, 1.05)
-  ax.set_xlabel("context length (tokens)")
-  ax.set_ylabel("accuracy")
-  ax.set_title(title)
-  ax.legend()
-  ax.grid(alpha=0.3)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return plot_vs_length(rows, path, series=[("accuracy", "passkey (all digits)", "o-"),
+                                            ("digit_accuracy", "digits", "s--")],
+                        xlabel="context length (tokens)", ylabel="accuracy", title=title, ylim=(-0.05, 1.05))

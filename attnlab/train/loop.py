@@ -13,7 +13,6 @@ part of each orbax checkpoint; only process 0 writes metrics, TensorBoard, the p
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import signal
 import threading
