@@ -85,14 +85,9 @@ def _weights_grouped(q, k, *, score, causal, scale, bias, mask, segment_ids, sin
     masks.append(_per_head(jnp.asarray(mask, bool), "mask", batch, heads, kv_heads, q_len, kv_len))
   full_mask = combine_masks(*masks)
 
-  sinks = None
-  if sink_logits is not None:
-    if not fn.supports_sink_logits:
-      raise ValueError(f"score function {score!r} does not support sink_logits")
-    sink_logits = jnp.asarray(sink_logits, jnp.float32)
-    if sink_logits.shape != (heads,):
-      raise ValueError(f"sink_logits must have shape (num_heads,) = ({heads},); got {tuple(sink_logits.shape)}")
-    sinks = sink_logits.reshape(1, kv_heads, heads // kv_heads, 1, 1)
+  sinks = fn.check_sink_logits(sink_logits, heads)
+  if sinks is not None:
+    sinks = sinks.reshape(1, kv_heads, heads // kv_heads, 1, 1)
   return fn.weights(s, full_mask, sink_logits=sinks, ctx=ctx, **score_params)
 
 

@@ -125,13 +125,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, score: str = "s
   interpret = jax.default_backend() == "cpu" if interpret is None else bool(interpret)
   blocks = (block_sizes or BlockSizes()).resolve(q_len, kv_len, head_dim, backend, interpret)
 
-  sinks = None
-  if sink_logits is not None:
-    if not fn.supports_sink_logits:
-      raise ValueError(f"score function {score!r} does not support sink_logits")
-    sinks = jnp.asarray(sink_logits, jnp.float32)
-    if sinks.shape != (heads,):
-      raise ValueError(f"sink_logits must have shape (num_heads,) = ({heads},); got {tuple(sinks.shape)}")
+  sinks = fn.check_sink_logits(sink_logits, heads)
+  if sinks is not None:
     sinks = sinks[:, None, None]
   q_seg, kv_seg = split_segment_ids(segment_ids, batch, q_len, kv_len)
   count = None

@@ -94,6 +94,17 @@ class ScoreFunction:
           f"score function {self.name!r} got unknown parameter(s) {unknown}; it accepts {list(self.params) or 'none'}"
       )
 
+  def check_sink_logits(self, sink_logits, num_heads: int) -> jax.Array | None:
+    """``sink_logits`` as a float32 (num_heads,) array (None passes through); clear errors otherwise."""
+    if sink_logits is None:
+      return None
+    if not self.supports_sink_logits:
+      raise ValueError(f"score function {self.name!r} does not support sink_logits")
+    sink_logits = jnp.asarray(sink_logits, jnp.float32)
+    if sink_logits.shape != (num_heads,):
+      raise ValueError(f"sink_logits must have shape (num_heads,) = ({num_heads},); got {tuple(sink_logits.shape)}")
+    return sink_logits
+
 
 _REGISTRY: dict[str, ScoreFunction] = {}
 
