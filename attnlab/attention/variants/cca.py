@@ -23,8 +23,7 @@ from attnlab.attention.cca import (CCACache, cca_attention, cca_decode_step, cca
                                    check_cca_params)
 from attnlab.attention.config import AttentionConfig
 from attnlab.attention.registry import register_attention
-from attnlab.attention.variants.dot_product import OutputGate, QKVProjection
-from attnlab.layers import kernel_init
+from attnlab.attention.variants.dot_product import HeadsOutput, QKVProjection, make_gate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,25 +54,13 @@ class CCAConfig(AttentionConfig):
     return dict(group_size=self.group_size, window_size=self.window_size, score=self.score, **self.score_kwargs)
 
 
-class CCAAttention(nnx.Module):
+class CCAAttention(HeadsOutput, nnx.Module):
   def __init__(self, cfg: CCAConfig, d_model: int, *, rngs: nnx.Rngs, init: str = "gpt", dtype=jnp.float32):
     self.cfg = cfg
     self.qkv = QKVProjection(cfg, d_model, init=init, rngs=rngs, dtype=dtype)
     hd = self.qkv.head_dim
-    self.o = nnx.Linear(cfg.num_heads * hd, d_model, use_bias=cfg.use_bias,
-                        kernel_init=kernel_init(init, ("heads", "embed")), dtype=dtype, rngs=rngs)
-    self.sink_logits = nnx.Param(jnp.full((cfg.num_heads,), cfg.sink_logit_init, jnp.float32)) if cfg.sink_logit \
-        else None
-    self.gate = OutputGate(cfg.gate, d_model, cfg.num_heads, hd, init=init, rngs=rngs, dtype=dtype) if cfg.gate \
-        else None
-
-  def _sinks(self):
-    return None if self.sink_logits is None else self.sink_logits[...]
-
-  def _out(self, x, o):
-    if self.gate is not None:
-      o = self.gate(x, o)
-    return self.o(o.reshape(x.shape[0], x.shape[1], -1))
+    self._init_output(cfg, d_model, hd, init=init, rngs=rngs, dtype=dtype)
+    self.gate = make_gate(cfg, d_model, hd, init=init, rngs=rngs, dtype=dtype)
 
   def __call__(self, x, *, positions, segment_ids=None, return_internals=False):
     if segment_ids is not None:

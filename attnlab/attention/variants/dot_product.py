@@ -82,24 +82,47 @@ def self_attention_mask(cfg: AttentionConfig, seq: int, segment_ids: jax.Array |
   return mask
 
 
-class DotProductAttention(nnx.Module):
+class HeadsOutput:
+  """Mixin for softmax-like layers: ``W_o``, the optional per-head sink logits and the output gate.
+
+  ``_init_output`` creates ``self.o`` and ``self.sink_logits``; ``_out(x, o)`` gates the heads (if ``self.gate``)
+  and projects (batch, seq, heads, head_dim) back to (batch, seq, d_model).
+  """
+
+  def _init_output(self, cfg: AttentionConfig, d_model: int, head_dim: int, *, init: str, rngs: nnx.Rngs, dtype):
+    self.o = nnx.Linear(cfg.num_heads * head_dim, d_model, use_bias=cfg.use_bias,
+                        kernel_init=kernel_init(init, ("heads", "embed")), dtype=dtype, rngs=rngs)
+    self.sink_logits = nnx.Param(jnp.full((cfg.num_heads,), cfg.sink_logit_init, jnp.float32)) if cfg.sink_logit \
+        else None
+
+  def _sinks(self) -> jax.Array | None:
+    return None if self.sink_logits is None else self.sink_logits[...]
+
+  def _out(self, x: jax.Array, o: jax.Array) -> jax.Array:
+    if self.gate is not None:
+      o = self.gate(x, o)
+    return apply_2d(self.o, o.reshape(o.shape[0], o.shape[1], -1))
+
+
+def make_gate(cfg: AttentionConfig, d_model: int, head_dim: int, *, init: str, rngs: nnx.Rngs, dtype):
+  return OutputGate(cfg.gate, d_model, cfg.num_heads, head_dim, init=init, rngs=rngs, dtype=dtype) if cfg.gate \
+      else None
+
+
+class DotProductAttention(HeadsOutput, nnx.Module):
   def __init__(self, cfg: AttentionConfig, d_model: int, *, rngs: nnx.Rngs, init: str = "gpt", dtype=jnp.float32):
     if cfg.sink_logit and cfg.score != "softmax":
       raise ValueError(f"sink_logit needs score='softmax'; got {cfg.score!r}")
     self.cfg = cfg
     self.qkv = QKVProjection(cfg, d_model, init=init, rngs=rngs, dtype=dtype)
     hd = self.qkv.head_dim
-    self.o = nnx.Linear(cfg.num_heads * hd, d_model, use_bias=cfg.use_bias,
-                        kernel_init=kernel_init(init, ("heads", "embed")), dtype=dtype, rngs=rngs)
-    self.sink_logits = nnx.Param(jnp.full((cfg.num_heads,), cfg.sink_logit_init, jnp.float32)) if cfg.sink_logit \
-        else None
+    self._init_output(cfg, d_model, hd, init=init, rngs=rngs, dtype=dtype)
     slot = nnx.initializers.normal(1.0 / hd ** 0.5)
     self.sink_key = nnx.Param(slot(rngs.params(), (cfg.kv_heads, hd))) if (cfg.sink_token or cfg.key_bias) \
         else None
     self.sink_value = nnx.Param(slot(rngs.params(), (cfg.kv_heads, hd))) if (cfg.sink_token or cfg.value_bias) \
         else None
-    self.gate = OutputGate(cfg.gate, d_model, cfg.num_heads, hd, init=init, rngs=rngs, dtype=dtype) if cfg.gate \
-        else None
+    self.gate = make_gate(cfg, d_model, hd, init=init, rngs=rngs, dtype=dtype)
 
   def _with_sink_slot(self, k, v, mask):
     """Prepends the learned (or zero) sink key/value slot; every query sees it."""
@@ -116,16 +139,14 @@ class DotProductAttention(nnx.Module):
     cfg = self.cfg
     b, t, _ = x.shape
     q, k, v = self.qkv(x, positions)
-    sinks = None if self.sink_logits is None else self.sink_logits[...]
+    sinks = self._sinks()
     if cfg.has_sink_slot:
       k, v, mask = self._with_sink_slot(k, v, self_attention_mask(cfg, t, segment_ids))
       kw = dict(causal=False, mask=mask)
     else:
       kw = dict(causal=cfg.causal, segment_ids=segment_ids)
     o = attend(q, k, v, score=cfg.score, sink_logits=sinks, impl=cfg.impl, **kw, **cfg.score_kwargs)
-    if self.gate is not None:
-      o = self.gate(x, o)
-    y = apply_2d(self.o, o.reshape(b, t, -1))
+    y = self._out(x, o)
     aux = {}
     if return_internals:
       w = attention_weights(q, k, score=cfg.score, sink_logits=sinks, **kw, **cfg.score_kwargs)

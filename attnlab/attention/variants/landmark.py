@@ -24,9 +24,9 @@ from attnlab.attention.config import AttentionConfig
 from attnlab.attention.landmark.grouped_softmax import landmark_attention
 from attnlab.attention.landmark.retrieval import SELECTIONS, LandmarkCache, init_cache, retrieval_attention
 from attnlab.attention.registry import register_attention
-from attnlab.attention.variants.dot_product import OutputGate, QKVProjection
+from attnlab.attention.variants.dot_product import HeadsOutput, QKVProjection, make_gate
 from attnlab.data.special_tokens import LandmarkTokens
-from attnlab.layers import apply_rope, kernel_init
+from attnlab.layers import apply_rope
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +62,7 @@ class LandmarkConfig(AttentionConfig):
     return LandmarkTokens(block_size=self.block_size, landmark_id=self.landmark_id)
 
 
-class LandmarkAttention(nnx.Module):
+class LandmarkAttention(HeadsOutput, nnx.Module):
   needs_tokens = True  # attnlab.model.lm.Block passes the input ids (landmarks are found by id)
 
   def __init__(self, cfg: LandmarkConfig, d_model: int, *, rngs: nnx.Rngs, init: str = "gpt", dtype=jnp.float32):
@@ -70,16 +70,8 @@ class LandmarkAttention(nnx.Module):
     # RoPE is applied here, not in the projection: inference caches keys before RoPE.
     self.qkv = QKVProjection(dataclasses.replace(cfg, rope=False), d_model, init=init, rngs=rngs, dtype=dtype)
     self.head_dim = hd = self.qkv.head_dim
-    self.o = nnx.Linear(cfg.num_heads * hd, d_model, use_bias=cfg.use_bias,
-                        kernel_init=kernel_init(init, ("heads", "embed")),
-                        dtype=dtype, rngs=rngs)
-    self.gate = OutputGate(cfg.gate, d_model, cfg.num_heads, hd, init=init, rngs=rngs, dtype=dtype) if cfg.gate \
-        else None
-
-  def _out(self, x, o):
-    if self.gate is not None:
-      o = self.gate(x, o)
-    return self.o(o.reshape(o.shape[0], o.shape[1], -1))
+    self._init_output(cfg, d_model, hd, init=init, rngs=rngs, dtype=dtype)  # sink_logit is refused by the config
+    self.gate = make_gate(cfg, d_model, hd, init=init, rngs=rngs, dtype=dtype)
 
   def __call__(self, x, *, positions, segment_ids=None, return_internals=False, tokens=None):
     if tokens is None:
