@@ -15,13 +15,13 @@ import json
 import pathlib
 import platform
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
 import attnlab
 from attnlab.attention.cca import cca_attention, cca_num_keys
+from _timing import compile_and_time  # benchmarks/_timing.py (the script's folder is on sys.path)
 
 
 def _fwd_bwd(attn):
@@ -31,18 +31,10 @@ def _fwd_bwd(attn):
 
 
 def _measure(fn, args, repeats: int, run: bool):
-  compiled = fn.lower(*args).compile()
-  mem = compiled.memory_analysis()
-  out = dict(temp_bytes=int(mem.temp_size_in_bytes),
-             peak_bytes=int(mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes))
+  m = compile_and_time(fn, args, repeats, run)
+  out = dict(temp_bytes=m["temp_bytes"], peak_bytes=m["temp_bytes"] + m["argument_bytes"] + m["output_bytes"])
   if run:
-    jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      jax.block_until_ready(compiled(*args))
-      times.append(time.perf_counter() - t0)
-    out["seconds"] = statistics.median(times)
+    out["seconds"] = statistics.median(m["times"])
   return out
 
 

@@ -13,13 +13,13 @@ import argparse
 import json
 import os
 import platform
-import time
 
 import jax
 import jax.numpy as jnp
 
 import attnlab
 from attnlab.attention.lightning import lightning_chunked, log_decay
+from _timing import compile_and_time  # benchmarks/_timing.py (the script's folder is on sys.path)
 
 
 def _fwd_bwd(kind: str, block: int, s):
@@ -31,17 +31,10 @@ def _fwd_bwd(kind: str, block: int, s):
 
 
 def _measure(fn, args, repeats: int, run: bool):
-  compiled = fn.lower(*args).compile()
-  mem = compiled.memory_analysis()
-  row = dict(temp_bytes=int(mem.temp_size_in_bytes), argument_bytes=int(mem.argument_size_in_bytes))
+  m = compile_and_time(fn, args, repeats, run)
+  row = dict(temp_bytes=m["temp_bytes"], argument_bytes=m["argument_bytes"])
   if run:
-    jax.block_until_ready(compiled(*args))  # warm-up
-    times = []
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      jax.block_until_ready(compiled(*args))
-      times.append(time.perf_counter() - t0)
-    row["fwd_bwd_s"] = sorted(times)[len(times) // 2]
+    row["fwd_bwd_s"] = sorted(m["times"])[len(m["times"]) // 2]
   return row
 
 

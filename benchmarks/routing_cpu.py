@@ -16,7 +16,6 @@ import json
 import math
 import os
 import platform
-import time
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +24,7 @@ import numpy as np
 import attnlab
 from attnlab.attention.routing import (balanced_assignment, balanced_attention, layer_norm, nearest_attention,
                                        nearest_centroid)
+from _timing import compile_and_time  # benchmarks/_timing.py (the script's folder is on sys.path)
 
 
 def _attn(kind: str, mu, window: int):
@@ -39,13 +39,7 @@ def _attn(kind: str, mu, window: int):
 
 
 def _time(fn, args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile + warm-up
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return min(times)
+  return min(compile_and_time(fn, args, repeats)["times"])
 
 
 def _slope(rows, kind):
