@@ -130,10 +130,12 @@ def test_bad_parameters():
     CCAConfig(group_size=16, window_size=40)
   with pytest.raises(ValueError, match="group_size must be >= 1"):
     CCAConfig(group_size=0)
-  with pytest.raises(ValueError, match="causal"):
+  with pytest.raises(TypeError, match="causal"):  # CCA is causal by construction: the field does not exist
     CCAConfig(causal=False)
-  with pytest.raises(ValueError, match="sink_token"):
+  with pytest.raises(TypeError, match="sink_token"):
     CCAConfig(sink_token=True)
+  with pytest.raises(ValueError, match="impl"):
+    CCAConfig(impl="pallas")
   q, k, v = _qkv(0, 1, 8, 2, 2, 4)
   with pytest.raises(ValueError, match="window_size % group_size"):
     cca_attention(q, k, v, group_size=3, window_size=4)

@@ -142,8 +142,10 @@ def test_data_transforms():
 
 
 def test_config_and_input_errors():
-  with pytest.raises(ValueError, match="score"):
+  with pytest.raises(TypeError, match="score"):
     LandmarkConfig(score="sigmoid")
+  with pytest.raises(ValueError, match="impl"):
+    LandmarkConfig(impl="pallas")
   with pytest.raises(ValueError, match="top_k"):
     LandmarkConfig(top_k=5, cache_blocks=4)
   with pytest.raises(ValueError, match="block_size"):

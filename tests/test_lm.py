@@ -137,7 +137,7 @@ def test_config_errors():
     AttentionConfig(gate="channel")
   with pytest.raises(ValueError, match="not divisible by num_heads"):
     tiny_lm(AttentionConfig(num_heads=3))
-  with pytest.raises(ValueError, match="sink_logit needs score='softmax'"):
+  with pytest.raises(ValueError, match="sink_logit needs a score with sink logits"):
     tiny_lm(AttentionConfig(num_heads=2, score="sigmoid", sink_logit=True))
   with pytest.raises(ValueError, match="unknown score function"):
     tiny_lm(AttentionConfig(num_heads=2, score="nope"))(jnp.zeros((1, 4), jnp.int32))

@@ -230,8 +230,10 @@ def test_config_errors():
     RoutingConfig(routing="lsh")
   with pytest.raises(ValueError, match="num_routing_heads"):
     RoutingConfig(num_heads=4, num_routing_heads=5)
-  with pytest.raises(ValueError, match="does not support"):
+  with pytest.raises(TypeError, match="sink_logit"):
     RoutingConfig(sink_logit=True)
+  with pytest.raises(ValueError, match="impl"):
+    RoutingConfig(impl="pallas")
   with pytest.raises(ValueError, match="window must be"):
     balanced_assignment(jnp.zeros((1, 4, 1, 2)), jnp.zeros((1, 2, 2)), 5)
   with pytest.raises(ValueError, match="centroids must be"):

@@ -1,4 +1,11 @@
-"""Typed, frozen configuration of attention layers. gin binds these fields; library code never imports gin."""
+"""Typed, frozen configuration of attention layers. gin binds these fields; library code never imports gin.
+
+:class:`BaseAttentionConfig` holds what every attention layer has (heads, head size, RoPE, projection biases, the
+implementation); field groups that only some layers have are small dataclass mixins (:class:`GroupedKV`,
+:class:`QKNorm`, :class:`ScoreFields`, :class:`SinkLogit`, :class:`OutputGateField`). A variant's config lists
+the mixins it supports, so a field it does not have is a gin/constructor error, never silently ignored.
+:class:`AttentionConfig` is the standard dot-product layer with every sink control of the sink study.
+"""
 
 from __future__ import annotations
 
@@ -6,65 +13,60 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from attnlab.attention.core import IMPLS
+from attnlab.attention.dispatch import implementations
+from attnlab.attention.scores import get_score
 
 GATES = (None, "elementwise", "headwise")
 
 
-@dataclasses.dataclass(frozen=True)
-class AttentionConfig:
-  """Dot-product attention with a pluggable score function and the sink controls of the sink study.
+def _positive_int(owner: str, name: str, value, *, allow_none: bool = False) -> None:
+  if value is None and allow_none:
+    return
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    raise ValueError(f"{owner}.{name} must be a positive int; got {value!r}")
 
-  Variants (landmark, CCA, lightning, routing, ...) subclass this and register a module for the subclass
-  (:func:`attnlab.attention.registry.register_attention`).
+
+@dataclasses.dataclass(frozen=True)
+class BaseAttentionConfig:
+  """What every attention layer has. Variants subclass it (plus the mixins they support) and register a module
+  for their config class (:func:`attnlab.attention.registry.register_attention`).
+
+  ``impl`` picks the implementation among ``IMPLS`` (each variant declares its own).
   """
 
   num_heads: int = 4
-  num_kv_heads: int | None = None  # None -> num_heads (MHA); fewer -> GQA
   head_dim: int | None = None  # None -> d_model // num_heads
-  score: str = "softmax"
-  score_params: Any = ()  # mapping or (name, value) pairs, e.g. {"b": 0.0, "normalize": True}
-  causal: bool = True
   rope: bool = True  # False -> NoPE
   rope_base: float = 10_000.0
-  qk_norm: bool = False  # RMSNorm over head_dim of q and k (Dehghani et al. 2023)
-  sink_logit: bool = False  # learnable per-head sink logit (gpt-oss); softmax only
-  sink_logit_init: float = 0.0
-  sink_token: bool = False  # one learned (key, value) pair prepended to the keys (StreamingLLM placeholder sink)
-  key_bias: bool = False  # learned key slot with value fixed at 0 (Gu et al.'s "sink as key bias")
-  value_bias: bool = False  # learned value slot (with a zero key unless key_bias/sink_token)
-  gate: str | None = None  # sigmoid output gate: "elementwise" or "headwise" (Qiu et al. 2025)
   use_bias: bool = False  # biases in the q/k/v/o projections
-  IMPLS: ClassVar[tuple[str, ...]] = IMPLS  # the implementations this kind of layer offers (subclasses override)
-  impl: str = "xla"  # attend() implementation: "xla" (dense), "pallas" (flash kernel), "auto" (kernel on GPU/TPU)
+  IMPLS: ClassVar[tuple[str, ...]] = ("xla",)
+  impl: str = "xla"
 
   def __post_init__(self):
-    params = self.score_params
-    if isinstance(params, Mapping):
-      params = tuple(sorted(params.items()))
-    object.__setattr__(self, "score_params", tuple(tuple(p) for p in params))
-    if self.impl not in self.IMPLS:
-      raise ValueError(f"impl must be one of {self.IMPLS}; got {self.impl!r}")
-    if self.gate not in GATES:
-      raise ValueError(f"gate must be one of {GATES}; got {self.gate!r}")
-    if self.num_heads <= 0:
-      raise ValueError(f"num_heads must be positive; got {self.num_heads}")
-    if self.kv_heads <= 0 or self.num_heads % self.kv_heads:
-      raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+    owner = type(self).__name__
+    _positive_int(owner, "num_heads", self.num_heads)
+    _positive_int(owner, "head_dim", self.head_dim, allow_none=True)
+    if self.impl not in self.implementations():
+      raise ValueError(f"{owner}.impl must be one of {self.implementations()}; got {self.impl!r}")
+
+  def implementations(self) -> tuple[str, ...]:
+    return self.IMPLS
 
   @property
   def kv_heads(self) -> int:
-    return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
-
-  @property
-  def score_kwargs(self) -> dict[str, Any]:
-    return dict(self.score_params)
+    return self.num_heads
 
   @property
   def has_sink_slot(self) -> bool:
-    return self.sink_token or self.key_bias or self.value_bias
+    """Whether the layer prepends a learned key/value slot (only :class:`AttentionConfig` can)."""
+    return False
 
-  def for_layer(self, layer: int, num_layers: int) -> AttentionConfig:
+  def special_tokens(self):
+    """What the data pipeline must interleave into this layer's input (:mod:`attnlab.attention.special_tokens`),
+    or None. Landmark and meta-token layers return their token spec."""
+    return None
+
+  def for_layer(self, layer: int, num_layers: int) -> BaseAttentionConfig:
     """This config as used by layer ``layer`` (0-based) of a ``num_layers`` stack. Identity here; variants with
     depth-dependent hyperparameters (lightning's per-layer decay) override it."""
     del layer, num_layers
@@ -76,3 +78,106 @@ class AttentionConfig:
     if d_model % self.num_heads:
       raise ValueError(f"d_model ({d_model}) is not divisible by num_heads ({self.num_heads}); set head_dim")
     return d_model // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupedKV(BaseAttentionConfig):
+  """Grouped-query attention: ``num_kv_heads`` key/value heads shared by ``num_heads`` query heads."""
+
+  num_kv_heads: int | None = None  # None -> num_heads (MHA); fewer -> GQA
+
+  def __post_init__(self):
+    super().__post_init__()
+    _positive_int(type(self).__name__, "num_kv_heads", self.num_kv_heads, allow_none=True)
+    if self.num_heads % self.kv_heads:
+      raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class QKNorm(BaseAttentionConfig):
+  """RMSNorm over head_dim of q and k (Dehghani et al. 2023, "Scaling Vision Transformers to 22B", arXiv
+  2302.05442)."""
+
+  qk_norm: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreFields(BaseAttentionConfig):
+  """A score function by name (:mod:`attnlab.attention.scores`) and its parameters."""
+
+  score: str = "softmax"
+  score_params: Any = ()  # mapping or (name, value) pairs, e.g. {"b": 0.0, "normalize": True}
+
+  def __post_init__(self):
+    params = self.score_params
+    if isinstance(params, Mapping):
+      params = tuple(sorted(params.items()))
+    if isinstance(params, str) or not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in params):
+      raise ValueError(f"{type(self).__name__}.score_params must be a mapping or (name, value) pairs; got "
+                       f"{self.score_params!r}")
+    object.__setattr__(self, "score_params", tuple(tuple(p) for p in params))
+    super().__post_init__()
+    try:
+      get_score(self.score).check_params(self.score_kwargs)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"{type(self).__name__}.score: {e}") from None
+
+  @property
+  def score_kwargs(self) -> dict[str, Any]:
+    return dict(self.score_params)
+
+
+@dataclasses.dataclass(frozen=True)
+class SinkLogit(ScoreFields):
+  """A learnable per-head logit in the softmax denominator (gpt-oss; ``sink_logit_init = 0`` starts as
+  softmax-off-by-one)."""
+
+  sink_logit: bool = False
+  sink_logit_init: float = 0.0
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.sink_logit and not get_score(self.score).supports_sink_logits:
+      raise ValueError(f"{type(self).__name__}.sink_logit needs a score with sink logits (softmax); "
+                       f"got score={self.score!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputGateField(BaseAttentionConfig):
+  """A sigmoid output gate on the heads (Qiu et al. 2025, "Gated Attention for Large Language Models", arXiv
+  2505.06708)."""
+
+  gate: str | None = None  # "elementwise" or "headwise"
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.gate not in GATES:
+      raise ValueError(f"{type(self).__name__}.gate must be one of {GATES}; got {self.gate!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig(SinkLogit, OutputGateField, QKNorm, GroupedKV):
+  """Dot-product attention with a pluggable score function and the sink controls of the sink study.
+
+  ``impl`` is a backend of :func:`attnlab.attend` ("xla" dense, "pallas" flash kernel, "auto", ...).
+  Sink controls: ``sink_logit`` (see :class:`SinkLogit`), ``sink_token`` (one learned key/value pair prepended to
+  the keys: StreamingLLM's placeholder sink, Xiao et al. 2024, arXiv 2309.17453), ``key_bias`` (a learned key
+  slot with value 0) and ``value_bias`` (a learned value slot) from Gu et al. 2025, "When Attention Sink Emerges
+  in Language Models", arXiv 2410.10781; ``gate`` (see :class:`OutputGateField`).
+  """
+
+  causal: bool = True
+  sink_token: bool = False
+  key_bias: bool = False
+  value_bias: bool = False
+
+  def implementations(self) -> tuple[str, ...]:
+    return implementations()
+
+  @property
+  def has_sink_slot(self) -> bool:
+    return self.sink_token or self.key_bias or self.value_bias

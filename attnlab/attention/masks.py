@@ -25,3 +25,11 @@ def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
     if m is not None:
       out = m if out is None else jnp.logical_and(out, m)
   return out
+
+
+def self_attention_mask(seq: int, segment_ids: jax.Array | None, *, causal: bool = True) -> jax.Array:
+  """(batch|1, 1, seq, seq) causal (if ``causal``) AND same-segment mask of self-attention."""
+  mask = causal_mask(seq, seq)[None, None] if causal else jnp.ones((1, 1, seq, seq), bool)
+  if segment_ids is not None:
+    mask = jnp.logical_and(mask, segment_mask(segment_ids, segment_ids)[:, None])
+  return mask

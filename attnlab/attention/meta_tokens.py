@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attnlab.attention.core import attend
+from attnlab.attention.dispatch import attend
 
 MODES = ("meta_only", "all")
 

@@ -13,8 +13,10 @@ are recounted, so special tokens occupy positions like any token (as in the refe
   ``source_len(seq_len) = seq_len - ceil(seq_len / B)`` tokens long, so nothing is cut off (a row's free last
   slot, if any, is PAD).
 * :class:`MetaTokens`: a meta token (id uniform over ``meta_ids``) before each plain token with probability
-  ``rate`` (Shah et al. 2025; RECONSTRUCTION: there is no public code, see shared/research/variants.md §2);
+  ``rate`` (Shah et al. 2025, arXiv 2509.16278; a reconstruction: the authors published no code);
   the row is cut back to ``seq_len`` (static shapes), so plain rows are read ``seq_len`` long.
+
+The token specs themselves (:mod:`attnlab.attention.special_tokens`) are what the attention configs declare.
 
 ``DataConfig.special_tokens`` selects the transform; ``ExperimentConfig`` fills it in from the model's attention
 config (``LandmarkConfig`` / ``MetaTokenConfig`` provide ``special_tokens()``), so one config line switches both.
@@ -22,72 +24,28 @@ config (``LandmarkConfig`` / ``MetaTokenConfig`` provide ``special_tokens()``), 
 
 from __future__ import annotations
 
-import dataclasses
-import math
-
 import numpy as np
 
+from attnlab.attention.special_tokens import LandmarkTokens, MetaTokens, SpecialTokens
 from attnlab.data.packing import Batch, segment_positions
 
 
-@dataclasses.dataclass(frozen=True)
-class LandmarkTokens:
-  """Landmark insertion: ``block_size`` counts the landmark (``block_size - 1`` ordinary tokens per block)."""
+def layout(spec: SpecialTokens, rng: np.random.Generator, batch: int, n: int, seq_len: int):
+  """(dest (batch, n), special ids (batch, seq_len)): the slot of each plain token, and the special id of every
+  slot (-1 where there is none; slots that are neither get PAD).
 
-  block_size: int
-  landmark_id: int
-
-  def __post_init__(self):
-    if self.block_size < 2:
-      raise ValueError(f"LandmarkTokens.block_size (landmark included) must be >= 2; got {self.block_size}")
-
-  @property
-  def ids(self) -> tuple[int, ...]:
-    return (self.landmark_id,)
-
-  def source_len(self, seq_len: int) -> int:
-    n = seq_len - math.ceil(seq_len / self.block_size)
-    if n < 2:
-      raise ValueError(f"seq_len {seq_len} leaves fewer than 2 ordinary tokens with block_size {self.block_size}")
-    return n
-
-  def layout(self, rng: np.random.Generator, batch: int, n: int, seq_len: int):
-    """(dest (batch, n), special ids (batch, seq_len)); slots that are neither get PAD."""
-    offset = rng.integers(0, self.block_size, size=batch)
-    is_lm = (np.arange(seq_len)[None, :] + offset[:, None]) % self.block_size == self.block_size - 1
+  Landmarks sit at every slot ``p`` with ``(p + o) % B == B - 1`` for a random offset ``o`` per row; a meta token
+  goes right before plain token ``t`` with probability ``rate``.
+  """
+  if isinstance(spec, LandmarkTokens):
+    offset = rng.integers(0, spec.block_size, size=batch)
+    is_lm = (np.arange(seq_len)[None, :] + offset[:, None]) % spec.block_size == spec.block_size - 1
     dest = np.stack([np.flatnonzero(~row)[:n] for row in is_lm])
-    return dest, np.where(is_lm, self.landmark_id, -1)
-
-
-@dataclasses.dataclass(frozen=True)
-class MetaTokens:
-  """Meta-token injection before each ordinary token with probability ``rate`` (ids uniform over ``meta_ids``)."""
-
-  meta_ids: tuple[int, ...]
-  rate: float
-
-  def __post_init__(self):
-    object.__setattr__(self, "meta_ids", tuple(int(i) for i in np.atleast_1d(self.meta_ids)))
-    if not self.meta_ids:
-      raise ValueError("MetaTokens.meta_ids must name at least one token id")
-    if not 0.0 <= self.rate < 1.0:
-      raise ValueError(f"MetaTokens.rate must be in [0, 1); got {self.rate}")
-
-  @property
-  def ids(self) -> tuple[int, ...]:
-    return self.meta_ids
-
-  def source_len(self, seq_len: int) -> int:
-    return seq_len
-
-  def layout(self, rng: np.random.Generator, batch: int, n: int, seq_len: int):
-    insert = rng.random((batch, n)) < self.rate  # a meta token right before plain token t
-    dest = np.arange(n)[None, :] + np.cumsum(insert, axis=1)
-    ids = np.asarray(self.meta_ids)[rng.integers(0, len(self.meta_ids), (batch, seq_len))]
-    return dest, ids  # every slot < seq_len not hit by dest follows an insertion: a meta token
-
-
-SpecialTokens = LandmarkTokens | MetaTokens
+    return dest, np.where(is_lm, spec.landmark_id, -1)
+  insert = rng.random((batch, n)) < spec.rate
+  dest = np.arange(n)[None, :] + np.cumsum(insert, axis=1)
+  ids = np.asarray(spec.meta_ids)[rng.integers(0, len(spec.meta_ids), (batch, seq_len))]
+  return dest, ids  # every slot < seq_len not hit by dest follows an insertion: a meta token
 
 
 def interleave(batch: Batch, spec: SpecialTokens, *, seq_len: int, rng: np.random.Generator, pad_id: int) -> Batch:
@@ -96,7 +54,7 @@ def interleave(batch: Batch, spec: SpecialTokens, *, seq_len: int, rng: np.rando
   b, n = inputs.shape
   if batch.get("segment_ids") is None:
     raise ValueError("special tokens are interleaved before whole-row batching: segment_ids must be present")
-  dest, special = spec.layout(rng, b, n, seq_len)
+  dest, special = layout(spec, rng, b, n, seq_len)
   keep = dest < seq_len
   rows = np.broadcast_to(np.arange(b)[:, None], dest.shape)[keep]
   cols = dest[keep]

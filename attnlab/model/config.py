@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from attnlab.attention.config import AttentionConfig
+from attnlab.attention.config import AttentionConfig, BaseAttentionConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,7 +15,7 @@ class ModelConfig:
   vocab_size: int = 259  # byte-level: 256 bytes + BOS/EOS/PAD
   d_model: int = 256
   num_layers: int = 4
-  attention: AttentionConfig | tuple[AttentionConfig, ...] = AttentionConfig()
+  attention: BaseAttentionConfig | tuple[BaseAttentionConfig, ...] = AttentionConfig()
   mlp_dim: int | None = None  # None -> 4 * d_model (gelu/relu) or the SwiGLU size 8/3 * d_model rounded to 64
   mlp_activation: str = "swiglu"
   norm: str = "rmsnorm"
@@ -39,10 +39,10 @@ class ModelConfig:
                        f"({self.num_layers})")
 
   @property
-  def attention_pattern(self) -> tuple[AttentionConfig, ...]:
+  def attention_pattern(self) -> tuple[BaseAttentionConfig, ...]:
     return self.attention if isinstance(self.attention, tuple) else (self.attention,)
 
-  def layer_attention(self, layer: int) -> AttentionConfig:
+  def layer_attention(self, layer: int) -> BaseAttentionConfig:
     pattern = self.attention_pattern
     return pattern[layer % len(pattern)].for_layer(layer, self.num_layers)
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from attnlab.attention.core import attend
+from attnlab.attention.dispatch import attend
 from attnlab.attention.variants.dot_product import DotProductAttention
 from attnlab.layers import apply_rope
 from attnlab.streaming.cache import KVCache, StreamingPolicy, insert, rope_positions
@@ -44,9 +44,7 @@ def _attention_step(attn: DotProductAttention, x: jax.Array, cache: KVCache, pos
   """One token (x: (batch, 1, d_model)) through one attention layer with the cache; returns (y, new cache)."""
   cfg, proj = attn.cfg, attn.qkv
   b = x.shape[0]
-  q = proj.q(x).reshape(b, 1, cfg.num_heads, proj.head_dim)
-  k = proj.k(x).reshape(b, 1, cfg.kv_heads, proj.head_dim)
-  v = proj.v(x).reshape(b, 1, cfg.kv_heads, proj.head_dim)
+  q, k, v = proj.project(x)
   if proj.q_norm is not None:
     q, k = proj.q_norm(q), proj.k_norm(k)
   cache = insert(cache, k, v, position, policy)
@@ -57,12 +55,9 @@ def _attention_step(attn: DotProductAttention, x: jax.Array, cache: KVCache, pos
     keys = apply_rope(keys, jnp.broadcast_to(key_pos, (b, keys.shape[1])), cfg.rope_base)
   mask = cache.valid[None, None, None, :]
   if cfg.has_sink_slot:
-    keys, values, mask = attn._with_sink_slot(keys, values, jnp.broadcast_to(mask, (b, 1, 1, mask.shape[-1])))
-  sinks = None if attn.sink_logits is None else attn.sink_logits[...]
-  o = attend(q, keys, values, score=cfg.score, causal=False, mask=mask, sink_logits=sinks, **cfg.score_kwargs)
-  if attn.gate is not None:
-    o = attn.gate(x, o)
-  return attn.o(o.reshape(b, 1, -1)), cache
+    keys, values, mask = attn.with_sink_slot(keys, values, jnp.broadcast_to(mask, (b, 1, 1, mask.shape[-1])))
+  o = attend(q, keys, values, score=cfg.score, causal=False, mask=mask, sink_logits=attn.sinks(), **cfg.score_kwargs)
+  return attn.output(x, o), cache
 
 
 @nnx.jit(static_argnums=(2,))

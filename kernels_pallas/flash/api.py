@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from attnlab.attention.core import _check_inputs
+from attnlab.attention.dense import check_inputs, split_segment_ids
 from attnlab.attention.scores import ScoreContext, get_score
 from kernels_pallas.flash import gpu, tpu
 from kernels_pallas.flash.common import FlashStatic
@@ -23,14 +22,11 @@ def default_backend() -> str:
   return "tpu" if jax.default_backend() == "tpu" else "gpu"
 
 
-def split_segment_ids(segment_ids: Any, batch: int, q_len: int, kv_len: int):
+def kernel_segment_ids(segment_ids: Any, batch: int, q_len: int, kv_len: int):
   """(q_ids (B, Q, 1), kv_ids (B, 1, K)) int32 column/row layout for the kernels, or (None, None)."""
-  if segment_ids is None:
+  q_seg, kv_seg = split_segment_ids(segment_ids, batch, q_len, kv_len)
+  if q_seg is None:
     return None, None
-  q_seg, kv_seg = segment_ids if isinstance(segment_ids, (tuple, list)) else (segment_ids, segment_ids)
-  if q_seg.shape != (batch, q_len) or kv_seg.shape != (batch, kv_len):
-    raise ValueError(f"segment_ids must be (batch, q_len)={(batch, q_len)} and (batch, kv_len)={(batch, kv_len)}; "
-                     f"got {tuple(q_seg.shape)} and {tuple(kv_seg.shape)} (pass a (q, kv) pair when lengths differ)")
   return q_seg.astype(jnp.int32)[:, :, None], kv_seg.astype(jnp.int32)[:, None, :]
 
 
@@ -80,6 +76,27 @@ def _flash_bwd(st, backend, res, cotangents):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
+def flash_unsupported(q, k, v, *, score: str, bias=None, mask=None, score_params: dict, backend: str | None = None,
+                      interpret: bool | None = None, block_sizes: BlockSizes | None = None, **_) -> str | None:
+  """Why :func:`flash_attention` cannot run this call (None if it can), with the block sizes it would resolve
+  for these shapes on ``backend`` (default: this platform's)."""
+  if bias is not None or mask is not None:
+    return "a dense bias/mask (the kernel builds causal and segment masks itself)"
+  fn = get_score(score)
+  if fn.blockwise is None:
+    return f"score function {score!r} has no flash-kernel hooks"
+  if v.shape[-1] != q.shape[-1]:
+    return "v head_dim != q head_dim"
+  backend = default_backend() if backend is None else backend
+  interpret = jax.default_backend() == "cpu" if interpret is None else interpret
+  try:
+    fn.blockwise(ScoreContext(q_len=q.shape[1], kv_len=k.shape[1], head_dim=q.shape[3]), **score_params)
+    (block_sizes or BlockSizes()).resolve(q.shape[1], k.shape[1], q.shape[3], backend, interpret)
+  except (ValueError, TypeError) as e:
+    return str(e)
+  return None
+
+
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, score: str = "softmax", causal: bool = True,
                     scale: float | None = None, segment_ids: Any = None, sink_logits: jax.Array | None = None,
                     block_sizes: BlockSizes | None = None, backend: str | None = None,
@@ -104,7 +121,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, score: str = "s
   Returns:
     o (batch, q_len, num_heads, head_dim) in q.dtype, and r if ``return_residuals``.
   """
-  _check_inputs(q, k, v)
+  check_inputs(q, k, v)
   if v.shape[-1] != q.shape[-1]:
     raise ValueError(f"the flash kernel needs v's head_dim == q's; got {v.shape[-1]} and {q.shape[-1]}")
   fn = get_score(score)
@@ -115,9 +132,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, score: str = "s
   kv_len, kv_heads = k.shape[1], k.shape[2]
   ctx = ScoreContext(q_len=q_len, kv_len=kv_len, head_dim=head_dim)
   hooks = fn.blockwise(ctx, **score_params)
-  if fn.prepare is not None:
-    q, k, scale = fn.prepare(q, k, scale, ctx, **score_params)
-  scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+  q, k, scale = fn.prepare_inputs(q, k, scale, ctx, score_params)
+  scale = float(scale)
 
   backend = default_backend() if backend is None else backend
   if backend not in BACKENDS:
@@ -128,7 +144,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, score: str = "s
   sinks = fn.check_sink_logits(sink_logits, heads)
   if sinks is not None:
     sinks = sinks[:, None, None]
-  q_seg, kv_seg = split_segment_ids(segment_ids, batch, q_len, kv_len)
+  q_seg, kv_seg = kernel_segment_ids(segment_ids, batch, q_len, kv_len)
   count = None
   if hooks.needs_count:
     count = visible_counts(q_seg, kv_seg, batch=batch, q_len=q_len, kv_len=kv_len, causal=causal,

@@ -1,4 +1,5 @@
-"""Pure-jnp reference of the flash op: the output is :func:`attnlab.attend` (dense XLA path); the residual ``r`` is
+"""Pure-jnp reference of the flash op: the output is the dense path (:func:`attnlab.attention.dense.dense_attention`);
+the residual ``r`` is
 the same row statistic the kernels keep, computed over the whole (dense) row with the score's hooks.
 
 Materialises (batch, heads, q_len, kv_len): for tests and small shapes only.
@@ -6,13 +7,12 @@ Materialises (batch, heads, q_len, kv_len): for tests and small shapes only.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from attnlab.attention.core import attend
+from attnlab.attention.dense import dense_attention, split_segment_ids
 from attnlab.attention.masks import causal_mask, segment_mask
 from attnlab.attention.scores import ScoreContext, get_score
 from kernels_pallas.flash.common import MASK_VALUE
@@ -22,8 +22,8 @@ def flash_reference(q, k, v, *, score: str = "softmax", causal: bool = True, sca
                     segment_ids: Any = None, sink_logits: jax.Array | None = None, return_residuals: bool = False,
                     **score_params):
   """Same contract as :func:`kernels_pallas.flash.flash_attention` (o, and r of shape (batch, heads, q_len))."""
-  o = attend(q, k, v, score=score, causal=causal, scale=scale, segment_ids=segment_ids, sink_logits=sink_logits,
-             impl="xla", **score_params)
+  o = dense_attention(q, k, v, score=score, causal=causal, scale=scale, segment_ids=segment_ids,
+                      sink_logits=sink_logits, **score_params)
   if not return_residuals:
     return o
   fn = get_score(score)
@@ -31,16 +31,14 @@ def flash_reference(q, k, v, *, score: str = "softmax", causal: bool = True, sca
   kv_len = k.shape[1]
   ctx = ScoreContext(q_len=q_len, kv_len=kv_len, head_dim=head_dim)
   hooks = fn.blockwise(ctx, **score_params)
-  if fn.prepare is not None:
-    q, k, scale = fn.prepare(q, k, scale, ctx, **score_params)
-  scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+  q, k, scale = fn.prepare_inputs(q, k, scale, ctx, score_params)
   k = jnp.repeat(k, heads // k.shape[2], axis=2)
   s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
   mask = jnp.ones((1, 1, q_len, kv_len), bool)
   if causal:
     mask = mask & causal_mask(q_len, kv_len)
-  if segment_ids is not None:
-    q_seg, kv_seg = segment_ids if isinstance(segment_ids, (tuple, list)) else (segment_ids, segment_ids)
+  q_seg, kv_seg = split_segment_ids(segment_ids, batch, q_len, kv_len)
+  if q_seg is not None:
     mask = mask & segment_mask(q_seg, kv_seg)[:, None]
   n = jnp.sum(mask, axis=-1, keepdims=True, dtype=jnp.float32)
   m = jnp.zeros(s.shape[:3] + (1,), jnp.float32)

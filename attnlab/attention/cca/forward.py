@@ -21,12 +21,12 @@ import jax.numpy as jnp
 from attnlab.attention.cca.pooling import (check_cca_params, pool_core, pooling_weights, split_heads,
                                           visible_core_count)
 from attnlab.attention.cca.rows import attend_rows, grouped_sinks, prepare_inputs
-from attnlab.attention.core import _check_inputs
+from attnlab.attention.dense import check_inputs
 from attnlab.attention.scores import ScoreContext, get_score
 
 
 def _setup(q, k, v, group_size, window_size, score, sink_logits, score_params):
-  _check_inputs(q, k, v)
+  check_inputs(q, k, v)
   check_cca_params(group_size, window_size)
   fn = get_score(score)
   fn.check_params(score_params)

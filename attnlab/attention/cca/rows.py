@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax.numpy as jnp
@@ -17,12 +16,8 @@ def prepare_inputs(fn: ScoreFunction, q, k, core_k, scale, ctx: ScoreContext, pa
   transformed after pooling. Returns float32 (q, k, core_k, scale) with the scale resolved.
   """
   q, k, core_k = (x.astype(jnp.float32) for x in (q, k, core_k))
-  if fn.prepare is not None:
-    q2, k, scale2 = fn.prepare(q, k, scale, ctx, **params)
-    _, core_k, _ = fn.prepare(q, core_k, scale, ctx, **params)
-    q, scale = q2, scale2
-  if scale is None:
-    scale = 1.0 / math.sqrt(q.shape[-1])
+  _, core_k, _ = fn.prepare_inputs(q, core_k, scale, ctx, params)
+  q, k, scale = fn.prepare_inputs(q, k, scale, ctx, params)
   return q, k, core_k, scale
 
 

@@ -15,6 +15,7 @@ is what a flash kernel (``kernels_pallas.flash``) calls. The kernel is generic; 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -93,6 +94,13 @@ class ScoreFunction:
       raise TypeError(
           f"score function {self.name!r} got unknown parameter(s) {unknown}; it accepts {list(self.params) or 'none'}"
       )
+
+  def prepare_inputs(self, q, k, scale, ctx: ScoreContext, params: dict[str, Any]):
+    """(q, k, scale) as the logits use them: the score's own q/k transform (``prepare``, e.g. softplus'
+    l2-normalisation), then the default scale ``1/sqrt(head_dim)`` where neither the caller nor the score set one."""
+    if self.prepare is not None:
+      q, k, scale = self.prepare(q, k, scale, ctx, **params)
+    return q, k, 1.0 / math.sqrt(ctx.head_dim) if scale is None else scale
 
   def check_sink_logits(self, sink_logits, num_heads: int) -> jax.Array | None:
     """``sink_logits`` as a float32 (num_heads,) array (None passes through); clear errors otherwise."""

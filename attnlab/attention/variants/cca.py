@@ -21,13 +21,13 @@ from flax import nnx
 
 from attnlab.attention.cca import (CCACache, cca_attention, cca_decode_step, cca_prefill, cca_weights,
                                    check_cca_params)
-from attnlab.attention.config import AttentionConfig
+from attnlab.attention.config import GroupedKV, OutputGateField, QKNorm, SinkLogit
 from attnlab.attention.registry import register_attention
-from attnlab.attention.variants.dot_product import HeadsOutput, QKVProjection, make_gate
+from attnlab.attention.projections import HeadsOutput, QKVProjection, make_gate
 
 
 @dataclasses.dataclass(frozen=True)
-class CCAConfig(AttentionConfig):
+class CCAConfig(SinkLogit, OutputGateField, QKNorm, GroupedKV):
   """CCA attention: ``group_size`` g tokens per core token, ``window_size`` s raw tokens of locality window
   (s % g == 0; the paper's defaults are g = 16, s = 1024). ``block_q`` queries per block of the fast path;
   ``remat`` recomputes blocks in the backward pass."""
@@ -40,12 +40,6 @@ class CCAConfig(AttentionConfig):
   def __post_init__(self):
     super().__post_init__()
     check_cca_params(self.group_size, self.window_size)
-    if not self.causal:
-      raise ValueError("CCA attention is causal by construction; causal=False is not supported")
-    if self.has_sink_slot:
-      raise ValueError("CCA attention does not support sink_token/key_bias/value_bias; use sink_logit")
-    if self.sink_logit and self.score != "softmax":
-      raise ValueError(f"sink_logit needs score='softmax'; got {self.score!r}")
     if self.block_q < 1:
       raise ValueError(f"block_q must be >= 1; got {self.block_q}")
 
@@ -57,9 +51,9 @@ class CCAConfig(AttentionConfig):
 class CCAAttention(HeadsOutput, nnx.Module):
   def __init__(self, cfg: CCAConfig, d_model: int, *, rngs: nnx.Rngs, init: str = "gpt", dtype=jnp.float32):
     self.cfg = cfg
-    self.qkv = QKVProjection(cfg, d_model, init=init, rngs=rngs, dtype=dtype)
+    self.qkv = QKVProjection.for_config(cfg, d_model, init=init, rngs=rngs, dtype=dtype)
     hd = self.qkv.head_dim
-    self._init_output(cfg, d_model, hd, init=init, rngs=rngs, dtype=dtype)
+    self.init_output(cfg, d_model, hd, init=init, rngs=rngs, dtype=dtype)
     self.gate = make_gate(cfg, d_model, hd, init=init, rngs=rngs, dtype=dtype)
 
   def __call__(self, x, *, positions, segment_ids=None, return_internals=False):
@@ -67,11 +61,11 @@ class CCAAttention(HeadsOutput, nnx.Module):
       raise ValueError("CCA attention does not support packed segment_ids (groups would straddle documents)")
     cfg = self.cfg
     q, k, v = self.qkv(x, positions)
-    o = cca_attention(q, k, v, sink_logits=self._sinks(), block_q=cfg.block_q, remat=cfg.remat, **cfg.cca_kwargs)
-    y = self._out(x, o)
+    o = cca_attention(q, k, v, sink_logits=self.sinks(), block_q=cfg.block_q, remat=cfg.remat, **cfg.cca_kwargs)
+    y = self.output(x, o)
     aux = {}
     if return_internals:
-      w = cca_weights(q, k, sink_logits=self._sinks(), **cfg.cca_kwargs)
+      w = cca_weights(q, k, sink_logits=self.sinks(), **cfg.cca_kwargs)
       sink_mass = 1.0 - w.sum(-1) if self.sink_logits is not None else jnp.zeros(w.shape[:-1], w.dtype)
       aux = dict(weights=w, sink_mass=sink_mass, queries=q, keys=k, values=v)
     return y, aux
@@ -79,15 +73,15 @@ class CCAAttention(HeadsOutput, nnx.Module):
   def prefill(self, x: jax.Array, *, positions: jax.Array, max_len: int) -> tuple[jax.Array, CCACache]:
     """Forward over a prompt (batch, n, d_model) and the compressed cache for up to ``max_len`` tokens."""
     q, k, v = self.qkv(x, positions)
-    o, cache = cca_prefill(q, k, v, max_len=max_len, sink_logits=self._sinks(), block_q=self.cfg.block_q,
+    o, cache = cca_prefill(q, k, v, max_len=max_len, sink_logits=self.sinks(), block_q=self.cfg.block_q,
                            **self.cfg.cca_kwargs)
-    return self._out(x, o), cache
+    return self.output(x, o), cache
 
   def decode_step(self, x: jax.Array, *, positions: jax.Array, cache: CCACache) -> tuple[jax.Array, CCACache]:
     """One token (batch, 1, d_model) at ``positions`` (batch, 1) against the compressed cache."""
     q, k, v = self.qkv(x, positions)
-    o, cache = cca_decode_step(cache, q, k, v, sink_logits=self._sinks(), **self.cfg.cca_kwargs)
-    return self._out(x, o), cache
+    o, cache = cca_decode_step(cache, q, k, v, sink_logits=self.sinks(), **self.cfg.cca_kwargs)
+    return self.output(x, o), cache
 
 
 register_attention("cca", CCAConfig)(CCAAttention)

@@ -20,17 +20,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from attnlab.attention.config import AttentionConfig
+from attnlab.attention.config import GroupedKV, OutputGateField, QKNorm
 from attnlab.attention.landmark.grouped_softmax import landmark_attention
 from attnlab.attention.landmark.retrieval import SELECTIONS, LandmarkCache, init_cache, retrieval_attention
 from attnlab.attention.registry import register_attention
-from attnlab.attention.variants.dot_product import HeadsOutput, QKVProjection, make_gate
-from attnlab.data.special_tokens import LandmarkTokens
+from attnlab.attention.special_tokens import LandmarkTokens
+from attnlab.attention.projections import HeadsOutput, QKVProjection, make_gate
 from attnlab.layers import apply_rope
 
 
 @dataclasses.dataclass(frozen=True)
-class LandmarkConfig(AttentionConfig):
+class LandmarkConfig(OutputGateField, QKNorm, GroupedKV):
   """Landmark attention. ``block_size`` counts the landmark (paper: 50 tokens + 1 landmark = 51).
 
   ``landmark_id`` must be a valid token id of the LM (e.g. 259 with ``ModelConfig.vocab_size = 260`` for the
@@ -46,10 +46,6 @@ class LandmarkConfig(AttentionConfig):
 
   def __post_init__(self):
     super().__post_init__()
-    if self.score != "softmax":
-      raise ValueError(f"landmark attention is a (grouped) softmax; score must be 'softmax', got {self.score!r}")
-    if self.sink_logit or self.has_sink_slot or not self.causal:
-      raise ValueError("landmark attention supports neither sink logits/slots nor non-causal attention")
     if self.block_size < 2:
       raise ValueError(f"block_size (landmark included) must be >= 2; got {self.block_size}")
     if not 1 <= self.top_k <= self.cache_blocks:
@@ -68,9 +64,9 @@ class LandmarkAttention(HeadsOutput, nnx.Module):
   def __init__(self, cfg: LandmarkConfig, d_model: int, *, rngs: nnx.Rngs, init: str = "gpt", dtype=jnp.float32):
     self.cfg = cfg
     # RoPE is applied here, not in the projection: inference caches keys before RoPE.
-    self.qkv = QKVProjection(dataclasses.replace(cfg, rope=False), d_model, init=init, rngs=rngs, dtype=dtype)
+    self.qkv = QKVProjection.for_config(cfg, d_model, rope=False, init=init, rngs=rngs, dtype=dtype)
     self.head_dim = hd = self.qkv.head_dim
-    self._init_output(cfg, d_model, hd, init=init, rngs=rngs, dtype=dtype)  # sink_logit is refused by the config
+    self.init_output(cfg, d_model, hd, init=init, rngs=rngs, dtype=dtype)
     self.gate = make_gate(cfg, d_model, hd, init=init, rngs=rngs, dtype=dtype)
 
   def __call__(self, x, *, positions, segment_ids=None, return_internals=False, tokens=None):
@@ -84,7 +80,7 @@ class LandmarkAttention(HeadsOutput, nnx.Module):
       q, k = apply_rope(q, positions, cfg.rope_base), apply_rope(k, positions, cfg.rope_base)
     is_landmark = tokens == cfg.landmark_id
     o, w = landmark_attention(q, k, v, is_landmark, segment_ids=segment_ids, return_weights=True)
-    y = self._out(x, o)
+    y = self.output(x, o)
     aux = {}
     if return_internals:
       aux = dict(weights=w, sink_mass=jnp.zeros(w.shape[:-1], w.dtype), queries=q, keys=k, values=v,
@@ -104,7 +100,7 @@ class LandmarkAttention(HeadsOutput, nnx.Module):
     o, cache = retrieval_attention(q, k, v, cache, start, top_k=top_k or cfg.top_k,
                                    selection=selection or cfg.selection,
                                    rope_base=cfg.rope_base if cfg.rope else None)
-    return self._out(x, o), cache
+    return self.output(x, o), cache
 
 
 register_attention("landmark", LandmarkConfig)(LandmarkAttention)

@@ -18,16 +18,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from attnlab.attention.config import AttentionConfig
+from attnlab.attention.config import BaseAttentionConfig
 from attnlab.attention.lightning import (DECAYS, lightning_chunked, lightning_naive, lightning_recurrent,
                                          lightning_weights, log_decay)
 from attnlab.attention.registry import register_attention
 from attnlab.layers import apply_rope, kernel_init
+from kernels_pallas.lightning import lightning_attention
+
 
 @dataclasses.dataclass(frozen=True)
-class LightningConfig(AttentionConfig):
-  """Lightning (TNL) attention. Base fields used: num_heads, head_dim, rope (default off: TNL has no RoPE),
-  rope_base, use_bias; the softmax-specific ones must stay at their defaults."""
+class LightningConfig(BaseAttentionConfig):
+  """Lightning (TNL) attention: causal linear attention with per-head decay, no score function, no GQA, no sink
+  controls. ``rope`` defaults to off (TNL has no RoPE)."""
 
   rope: bool = False
   decay: str = "tnl"  # "tnl" (released TNL weights), "fla" (flash-linear-attention) or "none" (lambda = 1)
@@ -51,14 +53,6 @@ class LightningConfig(AttentionConfig):
       raise ValueError("set both layer and num_layers, or neither")
     if self.layer is not None and not 0 <= self.layer < self.num_layers:
       raise ValueError(f"need 0 <= layer < num_layers; got layer={self.layer}, num_layers={self.num_layers}")
-    unsupported = dict(score=self.score != "softmax", score_params=bool(self.score_params), causal=not self.causal,
-                       qk_norm=self.qk_norm, sink_logit=self.sink_logit, sink_token=self.sink_token,
-                       key_bias=self.key_bias, value_bias=self.value_bias, gate=self.gate is not None,
-                       num_kv_heads=self.kv_heads != self.num_heads)
-    bad = [name for name, is_set in unsupported.items() if is_set]
-    if bad:
-      raise ValueError(f"LightningConfig does not support {bad} (causal linear attention, no score function, "
-                       "no GQA, no sink controls); leave them at their defaults")
 
   def for_layer(self, layer: int, num_layers: int) -> LightningConfig:
     return self if self.layer is not None else dataclasses.replace(self, layer=layer, num_layers=num_layers)
@@ -127,7 +121,6 @@ class LightningAttention(nnx.Module):
     else:
       if segment_ids is not None:
         raise ValueError("impl='pallas' does not support segment_ids (packed documents) yet; use impl='chunked'")
-      from kernels_pallas.lightning import lightning_attention  # pylint: disable=import-outside-toplevel
       o = lightning_attention(q, k, v, s, block_size=self.cfg.block_size, scale=self.scale)
     aux = {}
     if return_internals:

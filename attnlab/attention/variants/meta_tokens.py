@@ -1,6 +1,6 @@
 """Meta-token attention layer (Shah et al. 2025, "Language Modeling with Learned Meta-Tokens").
 
-RECONSTRUCTION (no public code; shared/research/variants.md §2): causal multi-head attention plus a separate
+A reconstruction (arXiv 2509.16278; the authors published no code): causal multi-head attention plus a separate
 meta-attention path with its own projections, summed::
 
     y = CausalMHA(x) + W_o^meta · MetaAttn(x)          MetaAttn: see :mod:`attnlab.attention.meta_tokens`
@@ -18,11 +18,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attnlab.attention.config import AttentionConfig
-from attnlab.attention.core import attention_weights
+from attnlab.attention.dense import attention_weights
 from attnlab.attention.meta_tokens import MODES, meta_attention, meta_attention_mask
+from attnlab.attention.projections import QKVProjection
 from attnlab.attention.registry import register_attention
-from attnlab.attention.variants.dot_product import DotProductAttention, QKVProjection
-from attnlab.data.special_tokens import MetaTokens
+from attnlab.attention.special_tokens import MetaTokens
+from attnlab.attention.variants.dot_product import DotProductAttention
 from attnlab.layers import kernel_init
 
 
@@ -63,8 +64,8 @@ class MetaTokenAttention(nnx.Module):
   def __init__(self, cfg: MetaTokenConfig, d_model: int, *, rngs: nnx.Rngs, init: str = "gpt", dtype=jnp.float32):
     self.cfg = cfg
     self.causal = DotProductAttention(cfg, d_model, rngs=rngs, init=init, dtype=dtype)
-    self.meta_qkv = QKVProjection(dataclasses.replace(cfg, rope=cfg.rope and cfg.meta_rope), d_model, init=init,
-                                  rngs=rngs, dtype=dtype)
+    self.meta_qkv = QKVProjection.for_config(cfg, d_model, rope=cfg.rope and cfg.meta_rope, init=init, rngs=rngs,
+                                             dtype=dtype)
     self.meta_o = nnx.Linear(cfg.num_heads * self.meta_qkv.head_dim, d_model, use_bias=cfg.use_bias,
                              kernel_init=kernel_init(init, ("heads", "embed")), dtype=dtype, rngs=rngs)
 

@@ -26,18 +26,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from attnlab.attention.config import AttentionConfig
-from attnlab.attention.core import attention_weights
+from attnlab.attention.config import QKNorm
+from attnlab.attention.dense import attention_weights
+from attnlab.attention.masks import self_attention_mask
+from attnlab.attention.projections import QKVProjection
 from attnlab.attention.registry import register_attention
 from attnlab.attention.routing import (ROUTINGS, balanced_assignment, balanced_attention, commitment_loss,
                                        kmeans_ema_update, layer_norm, local_attention, local_mask,
                                        nearest_attention, nearest_centroid, routing_weights)
-from attnlab.attention.variants.dot_product import QKVProjection, self_attention_mask
 from attnlab.layers import apply_rope, kernel_init
 
 
 @dataclasses.dataclass(frozen=True)
-class RoutingConfig(AttentionConfig):
+class RoutingConfig(QKNorm):
   """Routing attention. ``num_heads`` = ``num_routing_heads`` routing heads + the rest local heads.
 
   ``window`` (w) defaults to ``ceil(seq / num_clusters)`` so that ``k·w ≈ n``; the paper's O(n^1.5) setting is
@@ -65,12 +66,6 @@ class RoutingConfig(AttentionConfig):
                        f"{self.window}, {self.local_block}")
     if not 0.0 < self.kmeans_decay < 1.0:
       raise ValueError(f"kmeans_decay must be in (0, 1); got {self.kmeans_decay}")
-    unsupported = [name for name, bad in (
-        ("score != 'softmax'", self.score != "softmax"), ("causal=False", not self.causal),
-        ("num_kv_heads (GQA)", self.kv_heads != self.num_heads), ("sink_logit", self.sink_logit),
-        ("sink_token/key_bias/value_bias", self.has_sink_slot), ("gate", self.gate is not None)) if bad]
-    if unsupported:
-      raise ValueError(f"RoutingConfig does not support: {', '.join(unsupported)}")
 
   @property
   def num_local_heads(self) -> int:
@@ -96,10 +91,8 @@ class RoutingAttention(nnx.Module):
                                         dtype=dtype, rngs=rngs)
     self.route_q = lin(d_model, hr * hd, ("embed", "heads")) if hr else None
     self.route_v = lin(d_model, hr * hd, ("embed", "heads")) if hr else None
-    self.local_qkv = QKVProjection(
-        AttentionConfig(num_heads=cfg.num_local_heads, head_dim=hd, rope=cfg.rope, rope_base=cfg.rope_base,
-                        qk_norm=cfg.qk_norm, use_bias=cfg.use_bias),
-        d_model, init=init, rngs=rngs, dtype=dtype) if cfg.num_local_heads else None
+    self.local_qkv = QKVProjection.for_config(cfg, d_model, num_heads=cfg.num_local_heads, init=init, rngs=rngs,
+                                              dtype=dtype) if cfg.num_local_heads else None
     self.o = lin(cfg.num_heads * hd, d_model, ("heads", "embed"))
     if hr:
       mu = layer_norm(jax.random.normal(rngs.params(), (hr, cfg.num_clusters, hd)))  # google-research: LN(N(0, 1))
@@ -143,7 +136,7 @@ class RoutingAttention(nnx.Module):
     o = local_attention(q, k, v, block=cfg.local_block, segment_ids=segment_ids)
     internals = {}
     if return_internals:
-      mask = local_mask(x.shape[1], cfg.local_block)[None, None] & self_attention_mask(cfg, x.shape[1], segment_ids)
+      mask = local_mask(x.shape[1], cfg.local_block)[None, None] & self_attention_mask(x.shape[1], segment_ids)
       internals = dict(weights=attention_weights(q, k, causal=False, mask=mask), queries=q, keys=k, values=v)
     return o, internals
 
