@@ -1,5 +1,5 @@
 """Naive float64 reference of CCA attention, written from the paper / the authors' dense ``generate_mask`` path
-(1-based indices as in §3 of the research notes), independent of the fast path's index math."""
+(1-based indices as in the paper, arXiv 2412.12465), independent of the fast path's index math."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Naive float64 reference of landmark attention: explicit per-block softmaxes on dense one-hot masks.
 
-Written straight from the closed form (shared/research/variants.md §1), independently of the segmented-scan
+Written straight from the closed form of Mohtashami & Jaggi 2023 (arXiv 2305.16300), independently of the segmented-scan
 implementation: an outer softmax over current-block tokens and past landmarks, an inner softmax per past block
 (a (batch, heads, q, block, key) tensor), and ``a_ij = P(landmark of blk(j)) · inner_blk(j)(j)``.
 """

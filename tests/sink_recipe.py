@@ -1,4 +1,4 @@
-"""The tiny Bigram-Backcopy sink recipe (shared/research/sinks.md §7.3), as a test-only training function.
+"""The tiny Bigram-Backcopy sink recipe (Guo et al. 2024, arXiv 2410.13835), as a test-only training function.
 
 1 layer, 1 head, d = 64, ReLU FFN 4d, pre-LN LayerNorm (eps 1e-5), final LN, untied head, no Dense biases,
 PyTorch-default init (Embed N(0, 1), Linear U(+-1/sqrt(fan_in))); AdamW 3e-4 (0.9, 0.99, eps 1e-8, wd 1e-4),

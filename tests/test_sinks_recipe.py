@@ -1,4 +1,4 @@
-"""Calibration property test (shared/research/sinks.md §7.3): on the tiny Bigram-Backcopy recipe, softmax grows a
+"""Calibration property test (Guo et al. 2024, arXiv 2410.13835): on the tiny Bigram-Backcopy recipe, softmax grows a
 first-token sink and sigma(s - log T) and ReLU/n do not. Thresholds are the recipe's; seeds are pinned (the
 calibration runs behind them are listed in the README's "Studying attention sinks" section)."""
 

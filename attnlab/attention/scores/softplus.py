@@ -6,8 +6,8 @@
     re-weighting (reweight_power = p):  A_ij <- relu(A_ij * N_i - O_i)^p,  A_i <- A_i / (||A_i||_1 + eps) (LSSAR)
 
 ``N_i`` is the number of keys visible to query i (``i``, 1-based, in causal self-attention) and ``O_i = 0`` for
-rows with ``N_i <= 3``, else 1. The paper recommends p = 15 (p = 3 at 1K context). The formulas follow
-``../shared/research/sinks.md`` §5; the official code could not be checked, so treat details as a reconstruction.
+rows with ``N_i <= 3``, else 1. The paper recommends p = 15 (p = 3 at 1K context). The formulas follow the
+paper; the official code could not be checked, so treat details as a reconstruction.
 """
 
 from __future__ import annotations
