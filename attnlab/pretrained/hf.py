@@ -115,7 +115,7 @@ def hf_model_config(config: dict[str, Any], *, dtype: str = "float32", max_seq_l
       raise _err("sliding_window", w, f"layer {i} attends to a sliding window of {w} keys, shorter than max_seq_len "
                  f"{ctx}; attnlab has no sliding-window attention yet (no AttentionConfig.window field), so it is "
                  f"exact only for sequences of at most {w} tokens: pass max_seq_len <= {w}")
-  act = c.get("hidden_act", c.get("hidden_activation", "silu"))
+  act = c.get("hidden_act", "gelu" if model_type == "gpt_neox" else "silu")
   if model_type == "gpt_neox":
     if act not in ACTIVATIONS:
       raise _err("hidden_act", act, f"not supported (supported: {sorted(ACTIVATIONS)})")
