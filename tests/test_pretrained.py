@@ -18,6 +18,7 @@ from attnlab.layers import apply_rope, rope_inv_freq
 from attnlab.model.config import ModelConfig
 from attnlab.model.lm import DecoderLM
 from attnlab.pretrained import hf_model_config, hf_tokenizer, load_hf, read_safetensors, write_safetensors
+from attnlab.streaming import StreamingPolicy, stream_logits
 
 LLAMA = {"model_type": "llama", "vocab_size": 23, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 1,
          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 8, "rms_norm_eps": 1e-5,
@@ -225,3 +226,13 @@ def test_rope_defaults_unchanged_and_partial_rotary():
   np.testing.assert_allclose(part[..., :4], apply_rope(x[..., :4], pos, 100.0), rtol=1e-6)
   lin = rope_inv_freq(8, 100.0, {"type": "linear", "factor": 4.0})
   np.testing.assert_allclose(lin, rope_inv_freq(8, 100.0) / 4, rtol=1e-6)
+
+
+def test_streaming_honours_the_new_options():
+  """The KV-cache path runs partial/scaled RoPE and the parallel residual like the full forward."""
+  att = AttentionConfig(num_heads=2, qkv_bias=True, rope_fraction=0.5, rope_scaling={"type": "linear", "factor": 2.0})
+  cfg = ModelConfig(vocab_size=17, d_model=16, num_layers=1, attention=att, parallel_residual=True, mlp_bias=True,
+                    max_seq_len=8)
+  model = DecoderLM(cfg, rngs=nnx.Rngs(0))
+  tokens = jnp.arange(16).reshape(2, 8) % 17
+  np.testing.assert_allclose(stream_logits(model, tokens, StreamingPolicy(0, 8)), model(tokens), atol=2e-5, rtol=2e-5)
