@@ -102,6 +102,11 @@ def test_gpt2_options_are_refused(change, field):
     hf_model_config(dict({"model_type": "gpt2", "vocab_size": 50, "n_embd": 16, "n_head": 2, "n_layer": 1}, **change))
 
 
+def test_compute_dtype_is_checked():
+  with pytest.raises(ValueError, match="dtype"):
+    hf_model_config(LLAMA, dtype="float8")
+
+
 def test_qwen2_window_off_or_long_enough_is_accepted():
   c = dict(LLAMA, model_type="qwen2", use_sliding_window=False, sliding_window=4)
   assert hf_model_config(c).attention.qkv_bias is True

@@ -29,6 +29,7 @@ from attnlab.pretrained.safetensors_io import FLOAT_DTYPES, load_checkpoint
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
 MODEL_TYPES = LLAMA_LIKE + ("gpt2", "gpt_neox")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 # HF tensors that are buffers, not parameters (causal masks, cached RoPE frequencies)
 BUFFERS = re.compile(r"(^|\.)(attn\.bias|attn\.masked_bias|attention\.bias|attention\.masked_bias|"
                      r"rotary_emb\.inv_freq)$")
@@ -98,6 +99,8 @@ def hf_model_config(config: dict[str, Any], *, dtype: str = "float32", max_seq_l
   """The :class:`ModelConfig` of a Hugging Face ``config.json`` (as a dict). ``max_seq_len`` overrides the
   checkpoint's context length (``max_position_embeddings`` / ``n_positions``). Unknown ``model_type`` or an option
   attnlab does not reproduce -> ValueError naming the field."""
+  if dtype not in COMPUTE_DTYPES:
+    raise ValueError(f"dtype must be one of {COMPUTE_DTYPES}; got {dtype!r}")
   c = dict(config)
   model_type = c.get("model_type")
   if model_type not in MODEL_TYPES:
