@@ -18,7 +18,8 @@ transformers = pytest.importorskip("transformers")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from attnlab.pretrained import hf_state_to_params, load_checkpoint, load_hf, params_into_model  # noqa: E402
+from attnlab.pretrained import (hf_state_to_params, load_checkpoint, load_hf, params_into_model,  # noqa: E402
+                                read_safetensors, write_safetensors)
 
 V, T = 101, 16
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -110,6 +111,18 @@ def test_parity_sharded_checkpoint(tmp_path):
   assert (tmp_path / "model.safetensors.index.json").exists()
   assert len(list(tmp_path.glob("*.safetensors"))) > 1
   _compare(model, tmp_path, np.random.RandomState(2).randint(0, V, (1, T)))
+
+
+def test_parity_gpt2_hub_layout(tmp_path):
+  """The hub's gpt2 file: no ``transformer.`` prefix and the causal-mask buffers ``h.N.attn.bias`` stored."""
+  model = _hf_model("gpt2", seed=4)
+  model.save_pretrained(tmp_path)
+  path = tmp_path / "model.safetensors"
+  tensors = {k.removeprefix("transformer."): np.array(v) for k, v in read_safetensors(str(path)).items()}
+  for i in range(2):
+    tensors[f"h.{i}.attn.bias"] = np.tril(np.ones((1, 1, T, T), np.float32))
+  write_safetensors(str(path), tensors)
+  _compare(model, tmp_path, np.random.RandomState(3).randint(0, V, (1, T)))
 
 
 def test_wrong_variants_differ(tmp_path):
