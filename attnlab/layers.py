@@ -33,17 +33,70 @@ def embed_init(init: str, axes: tuple[str | None, ...] | None = ("vocab", "embed
   raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, base: float = 10_000.0) -> jax.Array:
+ROPE_SCALINGS = ("linear", "llama3")
+_ROPE_SCALING_KEYS = {"linear": ("factor",),
+                      "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def check_rope_scaling(scaling) -> dict:
+  """``scaling`` (a mapping or (name, value) pairs) as a dict, checked: ``{}`` (plain RoPE), ``{"type": "linear",
+  "factor": f}`` (positions divided by f) or ``{"type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+  "original_max_position_embeddings"}`` (Llama 3.1's per-frequency rule)."""
+  s = dict(scaling)
+  if not s:
+    return s
+  kind = s.get("type")
+  if kind not in ROPE_SCALINGS:
+    raise ValueError(f"rope_scaling type must be one of {ROPE_SCALINGS}; got {kind!r}")
+  need = _ROPE_SCALING_KEYS[kind]
+  if set(s) != {"type", *need}:
+    raise ValueError(f"rope_scaling of type {kind!r} takes exactly the keys {('type',) + need}; got {sorted(s)}")
+  if any(not isinstance(s[k], (int, float)) or isinstance(s[k], bool) or s[k] <= 0 for k in need):
+    raise ValueError(f"rope_scaling values must be positive numbers; got {s}")
+  if kind == "llama3" and s["high_freq_factor"] <= s["low_freq_factor"]:
+    raise ValueError(f"rope_scaling high_freq_factor must exceed low_freq_factor; got {s}")
+  return s
+
+
+def rope_inv_freq(rot_dim: int, base: float = 10_000.0, scaling=()) -> jax.Array:
+  """(rot_dim // 2,) float32 inverse frequencies ``base^(-2i/rot_dim)``, rescaled by ``scaling``
+  (:func:`check_rope_scaling`). llama3: wavelengths longer than ``L/low_freq_factor`` are divided by ``factor``,
+  shorter than ``L/high_freq_factor`` kept, and the band between interpolated linearly in ``L/wavelength``."""
+  half = rot_dim // 2
+  inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  s = check_rope_scaling(scaling)
+  if not s:
+    return inv_freq
+  factor = float(s["factor"])
+  if s["type"] == "linear":
+    return inv_freq / factor
+  lo, hi, orig = float(s["low_freq_factor"]), float(s["high_freq_factor"]), float(s["original_max_position_embeddings"])
+  wavelen = 2 * jnp.pi / inv_freq
+  smooth = (orig / wavelen - lo) / (hi - lo)
+  mid = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+  return jnp.where(wavelen > orig / lo, inv_freq / factor, jnp.where(wavelen < orig / hi, inv_freq, mid))
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, base: float = 10_000.0, *, fraction: float = 1.0,
+               scaling=()) -> jax.Array:
   """Rotary position embedding (Su et al. 2021), rotate-half convention.
 
   x: (batch, seq, heads, head_dim) with even head_dim; positions: (batch, seq) integer positions.
-  Pair (x_i, x_{i+d/2}) is rotated by angle ``pos * base^(-2i/d)``.
+  Pair (x_i, x_{i+d/2}) is rotated by angle ``pos * base^(-2i/d)``. ``fraction < 1`` rotates only the first
+  ``int(head_dim * fraction)`` channels of each head and passes the rest through (GPT-NeoX's partial rotary);
+  ``scaling`` rescales the frequencies (:func:`rope_inv_freq`).
   """
+  if fraction != 1.0:
+    rot = int(x.shape[-1] * fraction)
+    if rot == 0:
+      return x
+    return jnp.concatenate([apply_rope(x[..., :rot], positions, base, scaling=scaling), x[..., rot:]], axis=-1)
   head_dim = x.shape[-1]
   if head_dim % 2:
     raise ValueError(f"RoPE needs an even head_dim; got {head_dim}")
   half = head_dim // 2
-  inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  inv_freq = rope_inv_freq(head_dim, base, scaling) if scaling else \
+      base ** (-jnp.arange(half, dtype=jnp.float32) / half)
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (batch, seq, half)
   sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -56,22 +109,30 @@ def apply_2d(linear: nnx.Linear, x: jax.Array) -> jax.Array:
   return linear(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
 
 
-def make_norm(kind: str, dim: int, eps: float, *, rngs: nnx.Rngs, dtype=jnp.float32) -> nnx.Module:
+def make_norm(kind: str, dim: int, eps: float, *, rngs: nnx.Rngs, dtype=jnp.float32,
+              fast_variance: bool = True) -> nnx.Module:
+  """``fast_variance=False``: two-pass variance ``mean((x - mean x)^2)``, as torch's LayerNorm computes it."""
   if kind == "rmsnorm":
-    return nnx.RMSNorm(dim, epsilon=eps, dtype=dtype, rngs=rngs)
+    return nnx.RMSNorm(dim, epsilon=eps, dtype=dtype, rngs=rngs, use_fast_variance=fast_variance)
   if kind == "layernorm":
-    return nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, rngs=rngs)
+    return nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, rngs=rngs, use_fast_variance=fast_variance)
   raise ValueError(f"unknown norm {kind!r}; expected 'rmsnorm' or 'layernorm'")
 
 
-class MLP(nnx.Module):
-  """Feed-forward block: SwiGLU ``W_o(silu(W_g x) * W_u x)`` (Shazeer 2020) or ``W_o act(W_u x)`` for gelu/relu."""
+MLP_ACTIVATIONS = ("swiglu", "gelu", "gelu_exact", "relu")
 
-  def __init__(self, d_model: int, hidden: int, activation: str, *, init: str, rngs: nnx.Rngs, dtype=jnp.float32):
-    if activation not in ("swiglu", "gelu", "relu"):
-      raise ValueError(f"unknown MLP activation {activation!r}; expected 'swiglu', 'gelu' or 'relu'")
+
+class MLP(nnx.Module):
+  """Feed-forward block: SwiGLU ``W_o(silu(W_g x) * W_u x)`` (Shazeer 2020) or ``W_o act(W_u x)`` for
+  gelu (tanh approximation, GPT-2's gelu_new) / gelu_exact (erf) / relu; ``use_bias`` adds biases to every
+  projection."""
+
+  def __init__(self, d_model: int, hidden: int, activation: str, *, init: str, rngs: nnx.Rngs, dtype=jnp.float32,
+               use_bias: bool = False):
+    if activation not in MLP_ACTIVATIONS:
+      raise ValueError(f"unknown MLP activation {activation!r}; expected one of {MLP_ACTIVATIONS}")
     self.activation = activation
-    lin = lambda i, o, axes: nnx.Linear(i, o, use_bias=False, kernel_init=kernel_init(init, axes), dtype=dtype,
+    lin = lambda i, o, axes: nnx.Linear(i, o, use_bias=use_bias, kernel_init=kernel_init(init, axes), dtype=dtype,
                                         rngs=rngs)
     self.up = lin(d_model, hidden, ("embed", "mlp"))
     self.gate = lin(d_model, hidden, ("embed", "mlp")) if activation == "swiglu" else None
@@ -81,5 +142,7 @@ class MLP(nnx.Module):
     if self.activation == "swiglu":
       h = jax.nn.silu(apply_2d(self.gate, x)) * apply_2d(self.up, x)
     else:
-      h = (jax.nn.gelu if self.activation == "gelu" else jax.nn.relu)(apply_2d(self.up, x))
+      act = {"gelu": jax.nn.gelu, "relu": jax.nn.relu,
+             "gelu_exact": lambda u: jax.nn.gelu(u, approximate=False)}[self.activation]
+      h = act(apply_2d(self.up, x))
     return apply_2d(self.down, h)

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 from attnlab.attention.dispatch import implementations
 from attnlab.attention.scores import get_score
+from attnlab.layers import check_rope_scaling
 
 GATES = (None, "elementwise", "headwise")
 
@@ -103,6 +104,39 @@ class QKNorm(BaseAttentionConfig):
   2302.05442)."""
 
   qk_norm: bool = False
+  qk_norm_eps: float = 1e-6  # epsilon of the q/k RMSNorms
+
+
+@dataclasses.dataclass(frozen=True)
+class QKVBias(BaseAttentionConfig):
+  """Biases on the q/k/v projections set apart from ``W_o``'s (Qwen2 has q/k/v biases and none on ``W_o``)."""
+
+  qkv_bias: bool | None = None  # None -> use_bias
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeVariants(BaseAttentionConfig):
+  """Partial rotary and frequency scaling of RoPE. ``rope_fraction``: RoPE on the first
+  ``int(head_dim * rope_fraction)`` channels of each q/k head, the rest unrotated (GPT-NeoX ``rotary_pct``).
+  ``rope_scaling``: a mapping or (name, value) pairs, ``{"type": "linear", "factor": f}`` or ``{"type": "llama3",
+  "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}``
+  (:func:`attnlab.layers.rope_inv_freq`); empty -> plain RoPE."""
+
+  rope_fraction: float = 1.0
+  rope_scaling: Any = ()
+
+  def __post_init__(self):
+    scaling = self.rope_scaling
+    if isinstance(scaling, Mapping):
+      scaling = tuple(sorted(scaling.items()))
+    try:
+      scaling = tuple(sorted(check_rope_scaling(scaling).items()))
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"{type(self).__name__}.rope_scaling: {e}") from None
+    object.__setattr__(self, "rope_scaling", scaling)
+    super().__post_init__()
+    if not 0.0 < self.rope_fraction <= 1.0:
+      raise ValueError(f"{type(self).__name__}.rope_fraction must be in (0, 1]; got {self.rope_fraction!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +194,7 @@ class OutputGateField(BaseAttentionConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class AttentionConfig(SinkLogit, OutputGateField, QKNorm, GroupedKV):
+class AttentionConfig(SinkLogit, OutputGateField, QKNorm, RopeVariants, QKVBias, GroupedKV):
   """Dot-product attention with a pluggable score function and the sink controls of the sink study.
 
   ``impl`` is a backend of :func:`attnlab.attend` ("xla" dense, "pallas" flash kernel, "auto", ...).

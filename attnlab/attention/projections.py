@@ -12,26 +12,31 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from attnlab.attention.config import BaseAttentionConfig, OutputGateField, QKNorm, SinkLogit
+from attnlab.attention.config import BaseAttentionConfig, OutputGateField, QKNorm, QKVBias, RopeVariants, SinkLogit
 from attnlab.layers import apply_2d, apply_rope, kernel_init
 
 
 class QKVProjection(nnx.Module):
   """``num_heads`` query heads and ``kv_heads`` key/value heads of size ``head_dim``; RMSNorm on q and k when
-  ``qk_norm``; RoPE with ``rope_base`` unless it is None."""
+  ``qk_norm``; RoPE with ``rope_base`` unless it is None, on the first ``rope_fraction`` of each head's channels
+  and with frequencies rescaled by ``rope_scaling`` (:func:`attnlab.layers.apply_rope`)."""
 
   def __init__(self, d_model: int, *, num_heads: int, kv_heads: int, head_dim: int, use_bias: bool = False,
                qk_norm: bool = False, rope_base: float | None = 10_000.0, init: str, rngs: nnx.Rngs,
-               dtype=jnp.float32):
+               dtype=jnp.float32, qk_norm_eps: float = 1e-6, rope_fraction: float = 1.0, rope_scaling=()):
     self.num_heads, self.kv_heads, self.head_dim, self.rope_base = num_heads, kv_heads, head_dim, rope_base
+    self.rope_fraction, self.rope_scaling = rope_fraction, tuple(rope_scaling)
+    if rope_base is not None and rope_fraction != 1.0 and int(head_dim * rope_fraction) % 2:
+      raise ValueError(f"RoPE needs an even number of rotated channels; head_dim {head_dim} x rope_fraction "
+                       f"{rope_fraction} gives {int(head_dim * rope_fraction)}")
     lin = lambda o, axes: nnx.Linear(d_model, o, use_bias=use_bias, kernel_init=kernel_init(init, axes),
                                      dtype=dtype, rngs=rngs)
     self.q = lin(num_heads * head_dim, ("embed", "heads"))
     self.k = lin(kv_heads * head_dim, ("embed", "kv_heads"))
     self.v = lin(kv_heads * head_dim, ("embed", "kv_heads"))
     if qk_norm:
-      self.q_norm = nnx.RMSNorm(head_dim, dtype=dtype, rngs=rngs)
-      self.k_norm = nnx.RMSNorm(head_dim, dtype=dtype, rngs=rngs)
+      self.q_norm = nnx.RMSNorm(head_dim, epsilon=qk_norm_eps, dtype=dtype, rngs=rngs)
+      self.k_norm = nnx.RMSNorm(head_dim, epsilon=qk_norm_eps, dtype=dtype, rngs=rngs)
     else:
       self.q_norm = self.k_norm = None
 
@@ -41,10 +46,14 @@ class QKVProjection(nnx.Module):
     """The projection a layer with config ``cfg`` uses (``num_heads``/``rope`` override the config's)."""
     num_heads = cfg.num_heads if num_heads is None else num_heads
     rope = cfg.rope if rope is None else rope
+    qkv_bias = cfg.qkv_bias if isinstance(cfg, QKVBias) else None
+    extra = dict(qk_norm_eps=cfg.qk_norm_eps) if isinstance(cfg, QKNorm) else {}
+    if isinstance(cfg, RopeVariants):
+      extra.update(rope_fraction=cfg.rope_fraction, rope_scaling=cfg.rope_scaling)
     return cls(d_model, num_heads=num_heads, kv_heads=min(cfg.kv_heads, num_heads),
-               head_dim=cfg.resolved_head_dim(d_model), use_bias=cfg.use_bias,
+               head_dim=cfg.resolved_head_dim(d_model), use_bias=cfg.use_bias if qkv_bias is None else qkv_bias,
                qk_norm=isinstance(cfg, QKNorm) and cfg.qk_norm, rope_base=cfg.rope_base if rope else None,
-               init=init, rngs=rngs, dtype=dtype)
+               init=init, rngs=rngs, dtype=dtype, **extra)
 
   def project(self, x: jax.Array):
     """(q, k, v) before QK-norm and RoPE: (batch, seq, heads, head_dim)."""
@@ -59,8 +68,9 @@ class QKVProjection(nnx.Module):
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     if self.rope_base is not None:
-      q = apply_rope(q, positions, self.rope_base)
-      k = apply_rope(k, positions, self.rope_base)
+      rope = dict(fraction=self.rope_fraction, scaling=self.rope_scaling)
+      q = apply_rope(q, positions, self.rope_base, **rope)
+      k = apply_rope(k, positions, self.rope_base, **rope)
     return q, k, v
 
 

@@ -6,6 +6,7 @@ Byte-level ids: ``0..255`` are the UTF-8 bytes, ``256 = BOS``, ``257 = EOS``, ``
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Protocol
 
@@ -67,6 +68,43 @@ class HFTokenizer:
     self.bos_id, self.eos_id, self.pad_id = ids
     self.vocab_size = base + extra
 
+  @classmethod
+  def from_pretrained_dir(cls, directory: str) -> HFTokenizer:
+    """The tokenizer of a Hugging Face checkpoint directory (``tokenizer.json``) with BOS/EOS/PAD taken from its
+    own files: ``tokenizer_config.json``, ``special_tokens_map.json``, then ``config.json``'s ``*_token_id``. A
+    tokenizer without a BOS (Qwen) or PAD (GPT-2, Llama) uses its EOS for them. ``add_bos`` records whether the
+    tokenizer's own post-processor prepends BOS (Llama, Mistral) or not (GPT-2, Pythia, Qwen); ``vocab_size`` is
+    the tokenizer's own (no ids are appended)."""
+    path = os.path.join(directory, "tokenizer.json")
+    if not os.path.isfile(path):
+      raise ValueError(f"tokenizer file {path!r} does not exist")
+    from tokenizers import Tokenizer as _Tok  # optional dependency (extra "hf")
+    self = cls.__new__(cls)
+    self._tok = _Tok.from_file(path)
+    self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+    files = [_read_json(os.path.join(directory, f)) for f in ("tokenizer_config.json", "special_tokens_map.json")]
+    model_cfg = _read_json(os.path.join(directory, "config.json"))
+    ids = {}
+    for role in ("bos", "eos", "pad"):
+      token = next((f[role + "_token"] for f in files if f.get(role + "_token") is not None), None)
+      if isinstance(token, dict):
+        token = token.get("content")
+      i = self._tok.token_to_id(token) if isinstance(token, str) else None
+      if token is not None and i is None:
+        raise ValueError(f"{directory}: {role}_token {token!r} is not in tokenizer.json")
+      if i is None and isinstance(model_cfg.get(role + "_token_id"), int):
+        i = model_cfg[role + "_token_id"]
+      ids[role] = i
+    if ids["eos"] is None:
+      raise ValueError(f"{directory}: no eos_token in tokenizer_config.json / special_tokens_map.json and no "
+                       "eos_token_id in config.json")
+    self.eos_id = ids["eos"]
+    self.bos_id = self.eos_id if ids["bos"] is None else ids["bos"]
+    self.pad_id = self.eos_id if ids["pad"] is None else ids["pad"]
+    probe = self._tok.encode("a", add_special_tokens=True).ids
+    self.add_bos = ids["bos"] is not None and bool(probe) and probe[0] == ids["bos"]
+    return self
+
   def encode(self, text: str) -> np.ndarray:
     return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
 
@@ -81,6 +119,17 @@ class HFTokenizer:
       if i not in specials:
         out[i] = len(self._tok.decode([i]).encode("utf-8"))
     return out
+
+
+def _read_json(path: str) -> dict:
+  if not os.path.isfile(path):
+    return {}
+  try:
+    with open(path) as f:
+      out = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path}: unreadable ({e})") from None
+  return out if isinstance(out, dict) else {}
 
 
 def make_tokenizer(spec: str = "byte") -> Tokenizer:

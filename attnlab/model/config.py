@@ -26,6 +26,11 @@ class ModelConfig:
   # table of max_seq_len rows added to the token embeddings (the Bigram-Backcopy sink recipe of Guo et al. 2024)
   position_embedding: str = "none"
   init: str = "gpt"  # "gpt" (N(0, 0.02)) or "pytorch" (nn.Linear / nn.Embedding defaults)
+  # h_{l+1} = h_l + Attn(Norm_1 h_l) + MLP(Norm_2 h_l) (GPT-J / GPT-NeoX) instead of the sequential block
+  parallel_residual: bool = False
+  mlp_bias: bool = False  # biases in the MLP projections (GPT-2, GPT-NeoX)
+  norm_fast_variance: bool = True  # False: two-pass variance E[(x - E x)^2], as torch's LayerNorm
+
   dtype: str = "float32"  # compute dtype; parameters stay float32
 
   def __post_init__(self):

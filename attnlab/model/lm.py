@@ -2,6 +2,7 @@
 
     h_0 = E[tokens];  h_{l+1} = h_l' + MLP(Norm(h_l')),  h_l' = h_l + Attn_l(Norm(h_l));  logits = Norm(h_L) W_out
 
+With ``parallel_residual``, ``h_{l+1} = h_l + Attn_l(Norm(h_l)) + MLP(Norm'(h_l))`` (GPT-J / GPT-NeoX).
 With ``position_embedding="learned"``, ``h_0 = E[tokens] + P[positions]`` (GPT-2-style absolute positions).
 """
 
@@ -23,16 +24,21 @@ from attnlab.parallel.sharding import constrain
 class Block(nnx.Module):
   def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs, dtype):
     att_cfg = cfg.layer_attention(layer)
-    self.attn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, rngs=rngs, dtype=dtype)
+    norm = dict(rngs=rngs, dtype=dtype, fast_variance=cfg.norm_fast_variance)
+    self.attn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, **norm)
     self.attn = attention_module_for(att_cfg)(att_cfg, cfg.d_model, rngs=rngs, init=cfg.init, dtype=dtype)
-    self.mlp_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, rngs=rngs, dtype=dtype)
-    self.mlp = MLP(cfg.d_model, cfg.resolved_mlp_dim, cfg.mlp_activation, init=cfg.init, rngs=rngs, dtype=dtype)
+    self.mlp_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, **norm)
+    self.mlp = MLP(cfg.d_model, cfg.resolved_mlp_dim, cfg.mlp_activation, init=cfg.init, rngs=rngs, dtype=dtype,
+                   use_bias=cfg.mlp_bias)
+    self.parallel_residual = cfg.parallel_residual
 
   def __call__(self, h, *, tokens, positions, segment_ids, return_internals):
     # Token-aware attention (landmark, meta tokens) declares ``needs_tokens`` and receives the input ids.
     extra = {"tokens": tokens} if getattr(self.attn, "needs_tokens", False) else {}
     a, aux = self.attn(self.attn_norm(h), positions=positions, segment_ids=segment_ids,
                        return_internals=return_internals, **extra)
+    if self.parallel_residual:
+      return h + a + self.mlp(self.mlp_norm(h)), aux
     h = h + a
     return h + self.mlp(self.mlp_norm(h)), aux
 
@@ -46,7 +52,8 @@ class DecoderLM(nnx.Module):
     self.pos_embed = nnx.Embed(cfg.max_seq_len, cfg.d_model, embedding_init=embed_init(cfg.init, (None, "embed")), dtype=dtype,
                                rngs=rngs) if cfg.position_embedding == "learned" else None
     self.blocks = nnx.List([Block(cfg, i, rngs=rngs, dtype=dtype) for i in range(cfg.num_layers)])
-    self.final_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, rngs=rngs, dtype=dtype)
+    self.final_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, rngs=rngs, dtype=dtype,
+                                fast_variance=cfg.norm_fast_variance)
     self.head = None if cfg.tie_embeddings else nnx.Linear(
         cfg.d_model, cfg.vocab_size, use_bias=False, kernel_init=kernel_init(cfg.init, ("embed", "vocab")), dtype=dtype,
         rngs=rngs)

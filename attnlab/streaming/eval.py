@@ -51,8 +51,9 @@ def _attention_step(attn: DotProductAttention, x: jax.Array, cache: KVCache, pos
   keys, values = cache.keys, cache.values
   if cfg.rope:
     key_pos, query_pos = rope_positions(cache, policy)
-    q = apply_rope(q, jnp.broadcast_to(query_pos, (b, 1)), cfg.rope_base)
-    keys = apply_rope(keys, jnp.broadcast_to(key_pos, (b, keys.shape[1])), cfg.rope_base)
+    rope = dict(fraction=proj.rope_fraction, scaling=proj.rope_scaling)
+    q = apply_rope(q, jnp.broadcast_to(query_pos, (b, 1)), cfg.rope_base, **rope)
+    keys = apply_rope(keys, jnp.broadcast_to(key_pos, (b, keys.shape[1])), cfg.rope_base, **rope)
   mask = cache.valid[None, None, None, :]
   if cfg.has_sink_slot:
     keys, values, mask = attn.with_sink_slot(keys, values, jnp.broadcast_to(mask, (b, 1, 1, mask.shape[-1])))
@@ -73,8 +74,11 @@ def stream_logits(model, tokens: jax.Array, policy: StreamingPolicy) -> jax.Arra
     new = []
     for block, cache in zip(model.blocks, caches):
       a, cache = _attention_step(block.attn, block.attn_norm(h), cache, pos, policy)
-      h = h + a
-      h = h + block.mlp(block.mlp_norm(h))
+      if block.parallel_residual:
+        h = h + a + block.mlp(block.mlp_norm(h))
+      else:
+        h = h + a
+        h = h + block.mlp(block.mlp_norm(h))
       new.append(cache)
     h = model.final_norm(h)
     logits = model.embed.attend(h) if model.head is None else model.head(h)
