@@ -7,7 +7,7 @@ this is "argmax is right at every answer position", one scoring pass per batch. 
 * :func:`forward_scorer`: one full forward pass (up to ``ModelConfig.max_seq_len``); for a model trained with
   landmark tokens they are inserted block-aligned and their positions dropped from the logits;
 * :func:`landmark_scorer`: chunked landmark inference with top-k block retrieval
-  (:class:`attnlab.attention.landmark.runner.LandmarkRunner`), with no length limit.
+  (:class:`attnlab.eval.landmark_runner.LandmarkRunner`), with no length limit.
 
 :func:`make_scorer` picks one from ``EvalConfig.passkey_inference`` ("auto": landmark retrieval when every layer
 is landmark attention, otherwise a forward pass).

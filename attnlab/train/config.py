@@ -18,7 +18,7 @@ class TrainConfig:
   keep_checkpoints: int = 3
   async_checkpoint: bool = True
   eval_every: int = 0  # 0 -> no in-training evaluation
-  eval_at_end: bool = True  # run the full evaluation (eval.json) when training finishes
+  eval_at_end: bool = True  # attnlab train / sweep run the full evaluation (eval.json) when training finishes
   peak_flops: float = 0.0  # FLOP/s for the MFU estimate; 0 -> measured at start with a 1024² f32 matmul
   progress: bool = True  # tqdm progress bar
 
