@@ -114,7 +114,7 @@ def _run(args, bindings: list[str]) -> int:
     raise ConfigError("give at least one --gin_file")
   if args.command == "compile":
     return aot.run(args.gin_file, bindings, topology=args.topology, platform=args.platform,
-                       search_paths=args.gin_search_path)
+                   search_paths=args.gin_search_path)
   command_line = f"{args.command} {' '.join(shlex.quote(a) for a in sys.argv[2:])}"
   return train.run(args.workdir, args.gin_file, bindings, search_paths=args.gin_search_path, force=args.force,
                    distributed=_distributed(args), command_line=command_line)

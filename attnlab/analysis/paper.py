@@ -7,7 +7,8 @@ renormalised per row). Table 6 varies the attention operation, Table 4 adds lear
 of heads whose sink is the bias slot). Entries marked "3rd-party" come from secondary summaries (unverified) of Qiu et al. 2025 ("Gated Attention for
 Large Language Models", arXiv:2505.06708; https://github.com/qiuzh20/gated_attention) and Zuhri et al. 2025
 ("Softpick: No Attention Sink, No Massive Activations with Rectified Softmax", arXiv:2504.20966;
-https://github.com/zaydzuhri/softpick-attention). Guo et al. 2024: "Active-Dormant Attention Heads", arXiv:2410.13835.
+https://github.com/zaydzuhri/softpick-attention). Guo et al. 2024: "Active-Dormant Attention Heads",
+arXiv:2410.13835.
 """
 
 from __future__ import annotations
