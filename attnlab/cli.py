@@ -22,10 +22,14 @@ detect a TPU pod / SLURM / Open MPI job. Every process runs the same command.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import shlex
 import sys
+
+from attnlab.app import compile as aot, evaluate, sinks, stream, sweep, train
+from attnlab.app.workdir import DistributedFlags
+from attnlab.configs import ConfigError
+from attnlab.train import NonFiniteLossError
 
 
 def _split_gin_flags(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -89,141 +93,43 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
-def _start_distributed(args) -> None:
-  """``jax.distributed.initialize`` from gin < environment < flags; must precede every other JAX call."""
-  from attnlab.configs import build_distributed
-  from attnlab.parallel.distributed import DistributedConfig, initialize
-
-  cfg = DistributedConfig.from_env(build_distributed())
-  flags = {"coordinator_address": args.coordinator, "num_processes": args.num_processes,
-           "process_id": args.process_id, "auto": args.distributed_auto or None}
-  initialize(dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None}))
+def _distributed(args) -> DistributedFlags:
+  return DistributedFlags(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                          process_id=args.process_id, auto=args.distributed_auto or None)
 
 
-def _train(args, bindings: list[str], gin_files: list[str]) -> int:
-  from attnlab.configs import build_experiment, parse_gin, write_run_configs
-  from attnlab.train.loop import check_workdir, train
-
-  import jax
-
-  parse_gin(gin_files, bindings, search_paths=args.gin_search_path)
-  _start_distributed(args)
-  cfg = build_experiment()
-  check_workdir(args.workdir, cfg, force=args.force)
-  main = jax.process_index() == 0
-  if main:
-    write_run_configs(args.workdir, f"# attnlab {args.command} {' '.join(shlex.quote(a) for a in sys.argv[2:])}\n\n")
-  result = train(cfg, args.workdir, force=args.force)
-  if not main:
-    return 0
-  last = result.history[-1] if result.history else {}
-  print(f"{result.status} at step {result.step}" + (f", loss {last['loss']:.4f}" if last else "") +
-        f"; workdir {os.path.abspath(args.workdir)}")
-  if result.eval and result.eval.get("heldout"):
-    print(result.eval["length_extrapolation_table"])
-  if result.eval and "passkey_table" in result.eval:
-    print(result.eval["passkey_table"])
-  return 0
+def _run(args, bindings: list[str]) -> int:
+  if args.command == "eval":
+    return evaluate.run(args.workdir, args.gin_file, bindings, search_paths=args.gin_search_path,
+                        distributed=_distributed(args))
+  if args.command == "sinks":
+    return sinks.run(args.workdir, args.gin_file, bindings, search_paths=args.gin_search_path)
+  if args.command == "stream":
+    return stream.run(args.workdir, args.gin_file, bindings, search_paths=args.gin_search_path, length=args.length,
+                      num_streams=args.streams, window=args.window, n_sink=args.sinks)
+  if args.command in ("sweep", "demo"):
+    return sweep.run(args.sweep, args.workdir, short=args.short, tasks=_split(args.tasks), arms=_split(args.arms),
+                     bindings=bindings)
+  if not args.gin_file:
+    raise ConfigError("give at least one --gin_file")
+  if args.command == "compile":
+    return aot.run(args.gin_file, bindings, topology=args.topology, platform=args.platform,
+                   search_paths=args.gin_search_path)
+  command_line = f"{args.command} {' '.join(shlex.quote(a) for a in sys.argv[2:])}"
+  return train.run(args.workdir, args.gin_file, bindings, search_paths=args.gin_search_path, force=args.force,
+                   distributed=_distributed(args), command_line=command_line)
 
 
-def _compile(args, bindings: list[str]) -> int:
-  # Compile only: JAX itself stays on the CPU (no accelerator is claimed, also on a TPU VM), and libtpu may be
-  # loaded by several such processes at once (otherwise they collide on /tmp/libtpu_lockfile).
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  from attnlab.configs import build_experiment, parse_gin
-  from attnlab.parallel.aot import compile_train_step
-
-  parse_gin(args.gin_file, bindings, search_paths=args.gin_search_path)
-  try:
-    report = compile_train_step(build_experiment(), args.topology, platform=args.platform)
-  except RuntimeError as e:
-    print(f"attnlab compile: error: {e}", file=sys.stderr)
-    return 1
-  print(report.format())
-  return 0
-
-
-def _eval(args, bindings: list[str]) -> int:
-  from attnlab.configs import build_experiment, parse_gin
-  from attnlab.eval.run import evaluate_workdir
-
-  files = args.gin_file or [os.path.join(args.workdir, "config.gin")]
-  parse_gin(files, bindings, search_paths=args.gin_search_path)
-  _start_distributed(args)
-  result = evaluate_workdir(build_experiment(), args.workdir)
-  print(result["length_extrapolation_table"])
-  if "passkey_table" in result:
-    print(result["passkey_table"])
-  print(f"wrote {os.path.join(args.workdir, 'eval.json')}")
-  return 0
-
-
-def _sinks(args, bindings: list[str]) -> int:
-  from attnlab.analysis.workdir import format_summary, sink_report_workdir
-  from attnlab.configs import build_experiment, parse_gin
-
-  files = args.gin_file or [os.path.join(args.workdir, "config.gin")]
-  parse_gin(files, bindings, search_paths=args.gin_search_path)
-  reports = sink_report_workdir(build_experiment(), args.workdir)
-  for name, report in reports.items():
-    if report is not None:
-      print(format_summary(report))
-  print(f"wrote {os.path.join(args.workdir, 'sinks.json')} and " + ", ".join(reports["bos"]["files"][1:]))
-  return 0
-
-
-def _stream(args, bindings: list[str]) -> int:
-  from attnlab.configs import build_experiment, parse_gin
-  from attnlab.streaming.workdir import stream_workdir
-
-  files = args.gin_file or [os.path.join(args.workdir, "config.gin")]
-  parse_gin(files, bindings, search_paths=args.gin_search_path)
-  print(stream_workdir(build_experiment(), args.workdir, length=args.length, num_streams=args.streams,
-                       window=args.window, n_sink=args.sinks))
-  print(f"wrote {os.path.join(args.workdir, 'streaming')}/streaming.md/.json/.png")
-  return 0
-
-
-def _sweep(args, bindings: list[str]) -> int:
-  from attnlab.analysis.sweep import run_sweep
-  from attnlab.configs import gin_layer
-
-  sweep_dir = args.sweep if os.path.isdir(args.sweep) else os.path.join(gin_layer.REPO_ROOT, args.sweep)
-  split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None
-  _, table = run_sweep(sweep_dir, args.workdir, short=args.short, tasks=split(args.tasks), arms=split(args.arms),
-                       bindings=bindings, log=lambda line: print(line, flush=True))
-  print()
-  print(table)
-  print(f"wrote {os.path.join(args.workdir, 'sink_table')}.md/.json/.png")
-  return 0
+def _split(csv: str | None) -> list[str] | None:
+  return [x.strip() for x in csv.split(",") if x.strip()] if csv else None
 
 
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   rest, bindings = _split_gin_flags(argv)
   args = _parser().parse_args(rest)
-  bindings = args.gin_bindings + bindings
-  from attnlab.configs import ConfigError
-  from attnlab.train.loop import NonFiniteLossError
-
   try:
-    if args.command == "eval":
-      return _eval(args, bindings)
-    if args.command == "sinks":
-      return _sinks(args, bindings)
-    if args.command == "stream":
-      return _stream(args, bindings)
-    if args.command in ("sweep", "demo"):
-      return _sweep(args, bindings)
-    if args.command == "compile":
-      if not args.gin_file:
-        raise ConfigError("give at least one --gin_file")
-      return _compile(args, bindings)
-    files = args.gin_file
-    if not files:
-      raise ConfigError("give at least one --gin_file")
-    return _train(args, bindings, files)
+    return _run(args, args.gin_bindings + bindings)
   except (ConfigError, ValueError, NonFiniteLossError) as e:
     print(f"attnlab {args.command}: error: {e}", file=sys.stderr)
     return 1

@@ -23,9 +23,10 @@ import numpy as np
 from attnlab.attention.config import AttentionConfig
 from attnlab.data.pipeline import DataConfig, make_dataset
 from attnlab.model.config import ModelConfig
-from attnlab.train.config import OptimizerConfig, TrainConfig
+from attnlab.state import build_state
+from attnlab.state.optimizer import OptimizerConfig
+from attnlab.train.config import TrainConfig
 from attnlab.train.experiment import ExperimentConfig
-from attnlab.train.loop import build_state
 from attnlab.train.metrics import matmul_flops_per_token
 from attnlab.train.step import train_step_fn
 

@@ -8,7 +8,7 @@ import pytest
 
 from attnlab.configs import ConfigError, build_experiment, parse_gin
 from attnlab.data.pipeline import make_dataset
-from attnlab.train.loop import build_state
+from attnlab.state import build_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIN_FILES = sorted(glob.glob(os.path.join(ROOT, "experiments", "*.gin")))

@@ -12,7 +12,7 @@ from attnlab.data.tokenizer import ByteTokenizer
 from attnlab.eval.extrapolation import format_table, heldout_batches
 from attnlab.eval.lm_eval import evaluate_batches
 from attnlab.eval.run import run_evaluation
-from attnlab.train.loop import build_state
+from attnlab.state import build_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

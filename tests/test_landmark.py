@@ -10,7 +10,7 @@ from attnlab.attention import attend
 from attnlab.attention.landmark import init_cache, landmark_attention
 from attnlab.attention.landmark.grouped_softmax import grouped_softmax_weights, landmark_logits
 from attnlab.attention.landmark.retrieval import _update_cache
-from attnlab.attention.landmark.runner import LandmarkRunner, max_chunk_len
+from attnlab.eval.landmark_runner import LandmarkRunner, max_chunk_len
 from attnlab.attention.variants.landmark import LandmarkConfig
 from attnlab.data.landmark import insert_landmarks
 from attnlab.model.config import ModelConfig

@@ -12,9 +12,10 @@ from flax import nnx
 from attnlab import AttentionConfig, DecoderLM, ModelConfig
 from attnlab.data.pipeline import DataConfig, make_dataset
 from attnlab.parallel import MeshConfig, data_shard, logical_to_spec, make_mesh, state_shardings
+from attnlab.state import MODEL_INPUTS, build_sharded_state, build_state
 from attnlab.train import ExperimentConfig, OptimizerConfig, TrainConfig
-from attnlab.train.loop import build_sharded_state, build_state, data_layout
-from attnlab.train.step import MODEL_INPUTS, ShardedStep, train_step_fn
+from attnlab.train.loop import data_layout
+from attnlab.train.step import ShardedStep, train_step_fn
 
 P = jax.sharding.PartitionSpec
 CFG = ExperimentConfig(

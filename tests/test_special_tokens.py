@@ -17,9 +17,10 @@ from attnlab.eval.config import EvalConfig
 from attnlab.eval.passkey import Scorer, forward_scorer, landmark_scorer, make_scorer, passkey_accuracy
 from attnlab.model.config import ModelConfig
 from attnlab.parallel.mesh import MeshConfig
+from attnlab.state import build_state
 from attnlab.train.config import TrainConfig
 from attnlab.train.experiment import ExperimentConfig
-from attnlab.train.loop import build_state, train
+from attnlab.train.loop import train
 
 LM_ID, META_ID = 259, 259
 

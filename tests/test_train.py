@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from attnlab.configs import build_experiment, parse_gin
-from attnlab.train.config import OptimizerConfig
-from attnlab.train.loop import NonFiniteLossError, build_state, train
-from attnlab.train.optimizer import learning_rate_schedule, weight_decay_mask
+from attnlab.state import build_state
+from attnlab.state.optimizer import OptimizerConfig, learning_rate_schedule, weight_decay_mask
+from attnlab.train.loop import NonFiniteLossError, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,9 +1,14 @@
-"""Published numbers for the arms of the sink sweep, to print beside ours (shared/research/sinks.md §1.3, §6).
+"""Published numbers for the arms of the sink sweep, to print beside ours.
 
-Gu et al. 2025 ("When Attention Sink Emerges in Language Models", ICLR): a 60M LLaMA2-style LM pretrained on the
+Gu et al. 2025 ("When Attention Sink Emerges in Language Models: An Empirical View", ICLR, arXiv:2410.10781;
+https://github.com/sail-sg/Attention-Sink): a 60M LLaMA2-style LM pretrained on the
 Pile (5B tokens), ``Sink_1^0.3`` on 100 sequences of T = 64 tokens without BOS; * = their proxy score (weights
 renormalised per row). Table 6 varies the attention operation, Table 4 adds learnable biases (Sink* = the share
-of heads whose sink is the bias slot). Entries marked "3rd-party" come from secondary summaries (unverified).
+of heads whose sink is the bias slot). Entries marked "3rd-party" come from secondary summaries (unverified) of Qiu et al. 2025 ("Gated Attention for
+Large Language Models", arXiv:2505.06708; https://github.com/qiuzh20/gated_attention) and Zuhri et al. 2025
+("Softpick: No Attention Sink, No Massive Activations with Rectified Softmax", arXiv:2504.20966;
+https://github.com/zaydzuhri/softpick-attention). Guo et al. 2024: "Active-Dormant Attention Heads",
+arXiv:2410.13835.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""The sink-reproduction sweep: train every arm of every task, analyse it, and compare (``attnlab sweep``).
+"""The sink-reproduction sweep's arms and its comparison table (``attnlab sweep`` runs it: :mod:`attnlab.app.sweep`).
 
 A sweep directory holds one folder per task with one gin file per arm (``experiments/sinks/bb/softmax.gin``,
 ``experiments/sinks/text/relu.gin``, ...); a task folder's ``_short.gin`` holds the overrides of ``--short``.
-Each arm trains in ``WORKDIR/<task>/<arm>`` through the ordinary harness (resuming an interrupted run, skipping a
-finished one that already has its ``sinks.json``), then gets its sink report (:mod:`attnlab.analysis.workdir`).
+Each arm trains in ``WORKDIR/<task>/<arm>`` and gets its sink report (:mod:`attnlab.analysis.workdir`); its
+table row is :func:`table_row`.
 The comparison goes to ``WORKDIR/sink_table.{md,json,png}``: final loss, Gu's ``Sink_1^0.3`` on the proxy AND on
 the raw weights, raw first-token weight and row mass, learned-sink mass, value-norm and hidden-norm ratios, the
 published number where there is one (:mod:`attnlab.analysis.paper`), and notes that name every disagreement
@@ -17,8 +17,9 @@ import glob
 import json
 import math
 import os
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+
+import numpy as np
 
 from attnlab.analysis.paper import GU_SETUP, PAPER, paper_cell
 
@@ -84,7 +85,7 @@ def discover(sweep_dir: str, *, short: bool = False, tasks: Sequence[str] | None
   return out
 
 
-def _read_json(path: str) -> dict | None:
+def read_json(path: str) -> dict | None:
   try:
     with open(path) as f:
       return json.load(f)
@@ -92,29 +93,12 @@ def _read_json(path: str) -> dict | None:
     return None
 
 
-def run_arm(arm: Arm, workdir: str, bindings: Sequence[str] = ()) -> dict:
-  """Trains (or resumes, or reuses) one arm in ``workdir`` and returns its table row."""
-  from attnlab.analysis.workdir import NO_BOS_DIR, sink_report_workdir
-  from attnlab.configs import build_experiment, parse_gin, write_run_configs
-  from attnlab.train.loop import check_workdir, train
-
-  parse_gin(list(arm.gin_files), list(bindings))
-  cfg = build_experiment()
-  check_workdir(workdir, cfg)
-  report = _read_json(os.path.join(workdir, "sinks.json"))
-  t0 = time.perf_counter()
-  trained = report is None or report.get("step") != cfg.train.steps
-  if trained:
-    write_run_configs(workdir, f"# attnlab sweep: {' '.join(arm.gin_files)} {' '.join(bindings)}\n\n")
-    train(cfg, workdir)
-    reports = sink_report_workdir(cfg, workdir)
-    report, no_bos = reports["bos"], reports["no_bos"]
-  else:
-    no_bos = _read_json(os.path.join(workdir, NO_BOS_DIR, "sinks.json"))
-  ev = _read_json(os.path.join(workdir, "eval.json")) or {}
+def table_row(arm: Arm, workdir: str, steps: int, seconds: float | None, report: dict, no_bos: dict | None,
+              evaluation: dict) -> dict:
+  """One arm's table row from its sink reports (with and without BOS) and its ``eval.json``."""
   row = {"task": arm.task, "arm": arm.name, "label": ARM_LABELS.get(arm.name, arm.name), "workdir": workdir,
-         "steps": cfg.train.steps, "seconds": round(time.perf_counter() - t0, 1) if trained else None,
-         "loss": (ev.get("heldout") or {}).get("loss", float("nan")), **report["summary"],
+         "steps": steps, "seconds": seconds,
+         "loss": (evaluation.get("heldout") or {}).get("loss", float("nan")), **report["summary"],
          **{f"probe_{k}": v for k, v in report.get("probe_loss", {}).items()},
          "learned_sink": any(a.get(f) for a in report.get("attention", []) for f in ("sink_logit", "sink_token",
                                                                                       "key_bias"))}
@@ -185,7 +169,7 @@ def format_table(rows: Sequence[dict], *, short: bool = False) -> str:
   legend = (f"Loss: held-out next-token CE (nats; per byte for text). Sink_1^0.3: % of (sequence, layer, head) "
             f"whose first token gets mean weight > 0.3 (Gu et al.); proxy = weights renormalised per row, raw = the "
             f"weights themselves. Raw first-token weight and row mass: mean over queries (BB: non-trigger queries). "
-            f"Paper: {GU_SETUP}; * = proxy score; 3rd-party = unverified summary (shared/research/sinks.md).")
+            f"Paper: {GU_SETUP}; * = proxy score; 3rd-party = from a secondary summary, not checked against the paper.")
   return "\n\n".join(parts) + "\n\n" + legend + "\n"
 
 
@@ -194,7 +178,6 @@ def plot_table(rows: Sequence[dict], path: str) -> str:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  import numpy as np
 
   tasks = list(dict.fromkeys(r["task"] for r in rows))
   series = (("sink_rate_proxy", "Sink_1 proxy %", 1.0), ("sink_rate_raw", "Sink_1 raw %", 1.0),
@@ -225,19 +208,3 @@ def write_table(rows: Sequence[dict], workdir: str, *, short: bool = False) -> s
     json.dump({"short": short, "paper_setup": GU_SETUP, "paper": PAPER, "rows": list(rows)}, f, indent=1)
   plot_table(rows, os.path.join(workdir, TABLE + ".png"))
   return md
-
-
-def run_sweep(sweep_dir: str, workdir: str, *, short: bool = False, tasks: Sequence[str] | None = None,
-              arms: Sequence[str] | None = None, bindings: Sequence[str] = (),
-              log: Callable[[str], None] = print) -> tuple[list[dict], str]:
-  """Runs every arm (see the module docstring); returns (rows, Markdown table)."""
-  todo = discover(sweep_dir, short=short, tasks=tasks, arms=arms)
-  rows = []
-  for i, arm in enumerate(todo, 1):
-    row = run_arm(arm, os.path.join(workdir, arm.task, arm.name), bindings)
-    rows.append(row)
-    took = f"trained in {row['seconds']:.0f} s" if row["seconds"] is not None else "reused"
-    log(f"[{i}/{len(todo)}] {arm.task}/{arm.name}: {took}; loss {row['loss']:.3f}, Sink_1 proxy "
-        f"{row.get('sink_rate_proxy', float('nan')):.1f} %, raw {row.get('sink_rate_raw', float('nan')):.1f} %, "
-        f"raw first-token weight {row.get('first_token_attn_raw', float('nan')):.2f}")
-  return rows, write_table(rows, workdir, short=short)

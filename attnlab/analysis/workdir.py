@@ -1,4 +1,4 @@
-"""``attnlab sinks --workdir DIR``: the sink report of a trained run, from its newest checkpoint.
+"""The sink reports of a trained run's state, written into its workdir (``attnlab sinks``, :mod:`attnlab.app.sinks`).
 
 Writes ``DIR/sinks.json`` + PNGs (:func:`attnlab.analysis.write_sink_report`) on the probe batch of the run's data
 (:mod:`attnlab.analysis.probe`: held-out sequences starting with BOS), with the run's ``metrics.jsonl`` as the
@@ -47,12 +47,9 @@ def probe_losses(eval_graphdef, params, rest, probe: Probe) -> dict[str, float]:
   return out
 
 
-def sink_report_workdir(exp_cfg, workdir: str) -> dict:
-  """Restores ``workdir``'s newest checkpoint and writes its sink report(s); returns ``{"bos": report,
+def write_sink_reports(exp_cfg, workdir: str, step: int, eval_graphdef, state) -> dict:
+  """Writes the sink report(s) of the train ``state`` at ``step`` into ``workdir``; returns ``{"bos": report,
   "no_bos": report or None}`` (the dicts written to ``sinks.json``)."""
-  from attnlab.eval.run import restore_state
-
-  step, eval_graphdef, state = restore_state(exp_cfg, workdir)
   model = nnx.merge(eval_graphdef, state["params"], state["rest"])
   acfg = exp_cfg.analysis
   history = os.path.join(workdir, "metrics.jsonl")

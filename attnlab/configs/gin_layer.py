@@ -1,11 +1,22 @@
-"""gin registration, parsing and the config files a run leaves in its workdir."""
+"""gin registration, parsing and the config files a run leaves in its workdir.
+
+Gin files are found as given (relative to the working directory) or else in the experiments shipped with the
+package (``attnlab/experiments``, the repository's ``experiments/``): ``experiments/smoke_tiny.gin`` works from any
+directory. Plugins: the ``import`` lines of the gin files (and of their includes) are imported first, with the
+working directory and the search paths on ``sys.path``, so a user's module may register score functions, attention
+variants (``AttentionConfig`` subclasses) and data tasks; the configurables are registered after that.
+"""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
+import sys
 import warnings
 
 import gin
+from gin import config_parser
 
 import attnlab.attention.variants  # noqa: F401  (registers every attention kind)
 from attnlab.analysis.config import AnalysisConfig
@@ -18,10 +29,11 @@ from attnlab.eval.config import EvalConfig
 from attnlab.model.config import ModelConfig
 from attnlab.parallel.distributed import DistributedConfig
 from attnlab.parallel.mesh import MeshConfig
-from attnlab.train.config import OptimizerConfig, TrainConfig
+from attnlab.state.optimizer import OptimizerConfig
+from attnlab.train.config import TrainConfig
 from attnlab.train.experiment import ExperimentConfig
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+EXPERIMENTS = "experiments"
 PARTS = {"model": ModelConfig, "data": DataConfig, "optimizer": OptimizerConfig, "train": TrainConfig,
          "eval": EvalConfig, "analysis": AnalysisConfig, "mesh": MeshConfig}
 _REGISTERED: dict[str, type] = {}
@@ -56,22 +68,82 @@ def register_configurables() -> None:
     _REGISTERED[name] = cls
 
 
+def packaged_experiments() -> str | None:
+  """The folder of the experiments shipped with the package (``attnlab.experiments``), or None in a source tree
+  that is not installed."""
+  spec = importlib.util.find_spec(f"attnlab.{EXPERIMENTS}")
+  return None if spec is None else list(spec.submodule_search_locations)[0]
+
+
+def resolve_path(path: str) -> str:
+  """``path`` if it exists, else its packaged copy (``experiments/...`` in ``attnlab/experiments``), else ``path``
+  unchanged (the caller reports it missing)."""
+  packaged = packaged_experiments()
+  if os.path.exists(path) or packaged is None:
+    return path
+  head, _, tail = os.path.normpath(path).partition(os.sep)
+  candidate = os.path.join(packaged, tail)
+  return candidate if head == EXPERIMENTS and tail and os.path.exists(candidate) else path
+
+
+class _SkipValues(config_parser.ParserDelegate):
+  """Reads only the statements of a gin file (values become None)."""
+
+  def configurable_reference(self, scoped_configurable_name, evaluate):
+    return None
+
+  def macro(self, macro_name):
+    return None
+
+
+def _import_modules(gin_files, search_paths) -> None:
+  """Imports the modules named by ``import`` lines of ``gin_files`` and of their includes, with the working
+  directory and the search paths on ``sys.path``."""
+  for p in reversed([os.getcwd(), *search_paths]):
+    if p not in sys.path:
+      sys.path.insert(0, p)
+  todo, seen = list(gin_files), set()
+  while todo:
+    path = todo.pop()
+    if path in seen:
+      continue
+    seen.add(path)
+    with open(path) as f:
+      statements = list(config_parser.ConfigParser(f, _SkipValues()))
+    for st in statements:
+      if isinstance(st, config_parser.IncludeStatement):
+        found = [os.path.join(p, st.filename) for p in gin.config._LOCATION_PREFIXES
+                 if os.path.isfile(os.path.join(p, st.filename))]
+        todo.extend(found[:1])  # a missing include is reported by gin's own parse
+      elif isinstance(st, config_parser.ImportStatement) and not st.module.startswith("__gin__."):
+        module = st.module.rsplit(".", 1)[0] if st.is_from else st.module
+        try:
+          importlib.import_module(module)
+        except ImportError as e:
+          raise ConfigError(f"{path} imports {module!r}, which is importable neither from the working directory "
+                            f"nor from the gin search paths ({e})") from e
+
+
 def parse_gin(gin_files=(), bindings=(), *, search_paths=()) -> None:
-  """Clears gin, registers the configs and parses ``gin_files`` then ``bindings`` (later ones win).
-  ``include`` paths resolve against the search paths, the current directory, each file's folder and its parent,
-  and the repository root."""
+  """Clears gin, imports the gin files' ``import`` modules, registers the configs and parses ``gin_files`` then
+  ``bindings`` (later ones win). Files and ``include`` paths resolve against the search paths, the current
+  directory, each file's folder and its parent, and the packaged experiments."""
   gin.clear_config(clear_constants=True)
-  register_configurables()
+  gin_files = [resolve_path(f) for f in gin_files]
+  for f in gin_files:
+    if not os.path.isfile(f):
+      raise ConfigError(f"gin file {f!r} does not exist")
+  packaged = packaged_experiments()
   file_dirs = [d for f in gin_files for d in (os.path.dirname(os.path.abspath(f)),
                                               os.path.dirname(os.path.dirname(os.path.abspath(f))))]
-  for p in (*search_paths, os.getcwd(), *file_dirs, REPO_ROOT):
+  for p in (*search_paths, os.getcwd(), *file_dirs, *([os.path.dirname(packaged)] if packaged else [])):
     gin.add_config_file_search_path(p)
-  for f in gin_files:
-    if not os.path.isfile(f) and not os.path.isfile(os.path.join(REPO_ROOT, f)):
-      raise ConfigError(f"gin file {f!r} does not exist")
   try:
-    gin.parse_config_files_and_bindings(
-        [f if os.path.isfile(f) else os.path.join(REPO_ROOT, f) for f in gin_files], list(bindings))
+    _import_modules(gin_files, search_paths)
+    register_configurables()
+    gin.parse_config_files_and_bindings(gin_files, list(bindings))
+  except ConfigError:
+    raise
   except (ValueError, KeyError, SyntaxError, TypeError, IOError) as e:
     raise ConfigError(f"invalid gin configuration: {e}") from e
 

@@ -12,7 +12,7 @@ class EvalConfig:
   ``length_factors`` multiply the training ``seq_len`` (lengths beyond ``ModelConfig.max_seq_len`` are skipped
   and reported). ``passkey_lengths`` are absolute context lengths; empty -> no passkey evaluation.
   ``passkey_inference``: "forward" (one pass, up to max_seq_len), "landmark" (chunked top-k retrieval,
-  :class:`attnlab.attention.landmark.runner.LandmarkRunner`) or "auto" (landmark when every layer is landmark
+  :class:`attnlab.eval.landmark_runner.LandmarkRunner`) or "auto" (landmark when every layer is landmark
   attention); ``landmark_chunk_len`` None -> the reference rule ``max_chunk_len(seq_len, block_size, top_k)``."""
 
   num_batches: int = 8  # held-out batches per length (0 -> the whole held-out split at 1x)

@@ -13,8 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnlab.train.loss import token_losses
-from attnlab.train.step import MODEL_INPUTS, forward
+from attnlab.state.forward import MODEL_INPUTS, forward, token_losses
 
 BATCH_KEYS = MODEL_INPUTS + ("targets", "loss_mask")
 

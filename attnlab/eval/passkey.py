@@ -7,7 +7,7 @@ this is "argmax is right at every answer position", one scoring pass per batch. 
 * :func:`forward_scorer`: one full forward pass (up to ``ModelConfig.max_seq_len``); for a model trained with
   landmark tokens they are inserted block-aligned and their positions dropped from the logits;
 * :func:`landmark_scorer`: chunked landmark inference with top-k block retrieval
-  (:class:`attnlab.attention.landmark.runner.LandmarkRunner`), with no length limit.
+  (:class:`attnlab.eval.landmark_runner.LandmarkRunner`), with no length limit.
 
 :func:`make_scorer` picks one from ``EvalConfig.passkey_inference`` ("auto": landmark retrieval when every layer
 is landmark attention, otherwise a forward pass).
@@ -24,11 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from attnlab.attention.variants.landmark import LandmarkConfig
 from attnlab.data.landmark import insert_landmarks
 from attnlab.data.special_tokens import LandmarkTokens
 from attnlab.data.synthetic import PASSKEY_PREFIX, PasskeyConfig, passkey_row
+from attnlab.eval.landmark_runner import LandmarkRunner, max_chunk_len
 from attnlab.eval.plotting import plot_vs_length
-from attnlab.train.step import forward
+from attnlab.state.forward import forward
 
 INFERENCE = ("auto", "forward", "landmark")
 
@@ -79,8 +81,6 @@ def forward_scorer(graphdef, params, rest, *, max_seq_len: int, special_tokens=N
 def landmark_scorer(graphdef, params, rest, *, chunk_len: int, top_k: int | None = None,
                     cache_blocks: int | None = None) -> Scorer:
   """Chunked landmark inference with top-k retrieval (any context length)."""
-  from attnlab.attention.landmark.runner import LandmarkRunner
-
   runner = LandmarkRunner(nnx.merge(graphdef, params, rest), chunk_len=chunk_len, top_k=top_k,
                           cache_blocks=cache_blocks)
   return Scorer(runner.score, None, f"landmark retrieval (chunk {chunk_len}, top_k {runner.top_k}, "
@@ -89,9 +89,6 @@ def landmark_scorer(graphdef, params, rest, *, chunk_len: int, top_k: int | None
 
 def make_scorer(exp_cfg, graphdef, params, rest) -> Scorer:
   """The scorer ``EvalConfig.passkey_inference`` asks for (see the module docstring)."""
-  from attnlab.attention.landmark.runner import max_chunk_len
-  from attnlab.attention.variants.landmark import LandmarkConfig
-
   mode, model = exp_cfg.eval.passkey_inference, exp_cfg.model
   all_landmark = all(isinstance(a, LandmarkConfig) for a in model.attention_pattern)
   if mode == "landmark" and not all_landmark:

@@ -1,4 +1,4 @@
-"""Full evaluation of a model state -> ``workdir/eval.json`` (+ ``length_extrapolation.png``)."""
+"""Full evaluation of a model state -> ``workdir/eval.json`` (+ ``length_extrapolation.png``, ``passkey.png``)."""
 
 from __future__ import annotations
 
@@ -42,25 +42,3 @@ def run_evaluation(exp_cfg, eval_graphdef, params, rest, workdir: str, *, step: 
   os.replace(path + ".tmp", path)
   return result
 
-
-def restore_state(exp_cfg, workdir: str):
-  """(step, eval graphdef, train state) of the newest readable checkpoint of ``workdir``; ValueError if none."""
-  from attnlab.train.loop import build_state
-  from attnlab.train.checkpoint import Checkpointer
-
-  _, eval_graphdef, state = build_state(exp_cfg)
-  ckpt = Checkpointer(workdir, keep=exp_cfg.train.keep_checkpoints)
-  try:
-    restored = ckpt.restore_latest(state)
-  finally:
-    ckpt.close()
-  if restored is None:
-    raise ValueError(f"no checkpoint in {workdir!r} to restore")
-  step, state, _, _ = restored
-  return step, eval_graphdef, state
-
-
-def evaluate_workdir(exp_cfg, workdir: str) -> dict:
-  """Restores the newest checkpoint of ``workdir`` and runs :func:`run_evaluation`."""
-  step, eval_graphdef, state = restore_state(exp_cfg, workdir)
-  return run_evaluation(exp_cfg, eval_graphdef, state["params"], state["rest"], workdir, step=step)

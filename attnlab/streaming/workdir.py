@@ -1,7 +1,8 @@
-"""``attnlab stream --workdir DIR``: the StreamingLLM table of a trained run (Xiao et al. 2024, Table 1-3).
+"""The StreamingLLM table of a trained run (Xiao et al. 2024, Table 1-3), written into its workdir
+(``attnlab stream``, :mod:`attnlab.app.stream`).
 
-Streams ``num_streams`` held-out sequences of ``length`` tokens (BOS only at the start) through the run's newest
-checkpoint under full attention (when ``length`` fits ``max_seq_len``), a window-only cache (0 + W) and a
+Streams ``num_streams`` held-out sequences of ``length`` tokens (BOS only at the start) through the run's model
+under full attention (when ``length`` fits ``max_seq_len``), a window-only cache (0 + W) and a
 sink + window cache (n_sink + W - n_sink) of equal size, W = the training length by default; writes
 ``DIR/streaming/streaming.{md,json,png}``. Needs softmax ``dot_product`` layers with RoPE/NoPE (see
 :mod:`attnlab.streaming.eval`).
@@ -41,15 +42,12 @@ def heldout_streams(data_cfg, *, length: int, num_streams: int) -> np.ndarray:
   return np.concatenate([np.full((num_streams, 1), tok.bos_id), body], 1).astype(np.int32)
 
 
-def stream_workdir(exp_cfg, workdir: str, *, length: int = 512, num_streams: int = 4, window: int | None = None,
-                   n_sink: int = 4) -> str:
-  """Restores ``workdir`` and writes its streaming report; returns the Markdown table."""
-  from attnlab.eval.run import restore_state
-
+def write_run_streaming_report(exp_cfg, workdir: str, eval_graphdef, state, *, length: int = 512,
+                               num_streams: int = 4, window: int | None = None, n_sink: int = 4) -> str:
+  """Writes the streaming report of the train ``state`` into ``workdir/streaming``; returns the Markdown table."""
   window = window or exp_cfg.data.seq_len
   if not 0 < n_sink < window:
     raise ValueError(f"need 0 < n_sink ({n_sink}) < window ({window})")
-  _, eval_graphdef, state = restore_state(exp_cfg, workdir)
   model = nnx.merge(eval_graphdef, state["params"], state["rest"])
   tokens = heldout_streams(exp_cfg.data, length=length, num_streams=num_streams)
   policies = {"window": StreamingPolicy(0, window), "sink+window": StreamingPolicy(n_sink, window - n_sink)}

@@ -1,15 +1,10 @@
-"""Training: configs, optimizer, loss, the jitted step, checkpoints, logging and the loop
-(``attnlab.train.loop.train``; also reachable as ``attnlab.train.train``)."""
+"""Training: the run's configs, the jitted step, logging and the loop (``attnlab.train.train``). The train state
+it steps (model, optimizer, checkpoints) is :mod:`attnlab.state`."""
 
-from attnlab.train.config import OptimizerConfig, TrainConfig
+from attnlab.state.optimizer import OptimizerConfig
+from attnlab.train.config import TrainConfig
 from attnlab.train.experiment import ExperimentConfig
+from attnlab.train.loop import NonFiniteLossError, TrainResult, check_workdir, train
 
-_LOOP = ("NonFiniteLossError", "TrainResult", "build_state", "train")
-__all__ = ["ExperimentConfig", "OptimizerConfig", "TrainConfig", *_LOOP]
-
-
-def __getattr__(name):  # the loop imports attnlab.eval, which imports this package: load it lazily
-  if name in _LOOP:
-    from attnlab.train import loop
-    return getattr(loop, name)
-  raise AttributeError(name)
+__all__ = ["ExperimentConfig", "NonFiniteLossError", "OptimizerConfig", "TrainConfig", "TrainResult",
+           "check_workdir", "train"]

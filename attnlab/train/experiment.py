@@ -9,7 +9,8 @@ from attnlab.data.pipeline import DataConfig
 from attnlab.eval.config import EvalConfig
 from attnlab.model.config import ModelConfig
 from attnlab.parallel.mesh import MeshConfig
-from attnlab.train.config import OptimizerConfig, TrainConfig
+from attnlab.state.optimizer import OptimizerConfig
+from attnlab.train.config import TrainConfig
 
 
 def required_special_tokens(model: ModelConfig):

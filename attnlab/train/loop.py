@@ -1,4 +1,4 @@
-"""The training loop: resume, train, log, checkpoint, stop cleanly (SIGTERM/SIGINT, NaN), evaluate.
+"""The training loop: resume, train, log, checkpoint, stop cleanly (SIGTERM/SIGINT, NaN).
 
 Host/device overlap: step ``s + 1`` is dispatched before the metrics of step ``s`` are fetched, so the host never
 waits for the device except at checkpoints (whose step must be known finite first) and evaluations.
@@ -20,7 +20,6 @@ import time
 
 import jax
 import numpy as np
-from flax import nnx
 from tqdm.auto import tqdm
 
 from attnlab.analysis.probe import probe_batch, probe_scalars
@@ -28,14 +27,12 @@ from attnlab.data.pipeline import make_dataset
 from attnlab.data.tokenizer import make_tokenizer
 from attnlab.eval.extrapolation import heldout_batches
 from attnlab.eval.lm_eval import evaluate_batches
-from attnlab.eval.run import run_evaluation
-from attnlab.model.lm import DecoderLM
 from attnlab.parallel.mesh import make_mesh
-from attnlab.parallel.sharding import DEFAULT_RULES, data_shard, global_batch, state_shardings
-from attnlab.train.checkpoint import Checkpointer
+from attnlab.parallel.sharding import data_shard, global_batch
+from attnlab.state import MODEL_INPUTS, Checkpointer, build_sharded_state, build_state
 from attnlab.train.experiment import ExperimentConfig
 from attnlab.train.metrics import MetricsWriter, matmul_flops_per_token, measure_matmul_peak
-from attnlab.train.step import MODEL_INPUTS, init_state, train_step_fn
+from attnlab.train.step import train_step_fn
 
 RUN_CONFIG = "run_config.txt"
 
@@ -49,28 +46,8 @@ class TrainResult:
   step: int  # completed optimizer steps
   status: str  # "finished" | "interrupted"
   history: list[dict]  # per-step {"step", "loss", ...} of this invocation
-  eval: dict | None = None
-
-
-def build_state(cfg: ExperimentConfig):
-  """(train graphdef, eval graphdef, initial train state) for ``cfg``."""
-  model = DecoderLM(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
-  return init_state(model, cfg.optimizer, cfg.train.steps)
-
-
-def build_sharded_state(cfg: ExperimentConfig, mesh, rules=DEFAULT_RULES):
-  """Like :func:`build_state`, but every array is created directly in its rules-given sharding on ``mesh`` (no
-  process ever holds the whole unsharded state; every scalar is a replicated global array, as orbax needs)."""
-  graphdefs = {}
-
-  def create():
-    graphdef, eval_graphdef, state = build_state(cfg)
-    graphdefs.update(train=graphdef, eval=eval_graphdef)
-    return state
-
-  shardings = state_shardings(jax.eval_shape(create), mesh, rules)
-  state = jax.jit(create, out_shardings=shardings)()
-  return graphdefs["train"], graphdefs["eval"], state
+  eval_graphdef: object  # the model in eval mode, to evaluate ``state`` with
+  state: dict  # the train state at ``step``
 
 
 def data_layout(cfg: ExperimentConfig):
@@ -200,7 +177,15 @@ def train(cfg: ExperimentConfig, workdir: str, *, force: bool = False, process_i
     ckpt.save(step, state, data.get_state(), {"step": step})
     last_saved = step
 
-  status, pending, step = "finished", None, start
+  pending = None  # (step, metrics) dispatched to the device and not yet fetched
+
+  def flush() -> None:  # the host waits for the device here
+    nonlocal pending
+    if pending is not None:
+      finish_step(*pending)
+      pending = None
+
+  status, step = "finished", start
   try:
     with _StopFlag() as stop:
       if probe is not None and start == 0:
@@ -210,30 +195,24 @@ def train(cfg: ExperimentConfig, workdir: str, *, force: bool = False, process_i
           status = "interrupted"
           break
         state, metrics = step_fn(state, to_device(next(data)))
-        if pending is not None:
-          finish_step(*pending)
-        pending = (step + 1, metrics)
+        flush()  # the previous step's metrics, fetched while this step runs
         done = step + 1
-        if done % tc.checkpoint_every == 0 or done == tc.steps:
-          finish_step(*pending)
-          pending = None
+        pending = (done, metrics)
+        save_now = done % tc.checkpoint_every == 0 or done == tc.steps
+        eval_now = tc.eval_every and done % tc.eval_every == 0
+        sinks_now = probe is not None and (done % acfg.every == 0 or done == tc.steps)
+        if save_now or eval_now or sinks_now:  # host work on this state: its loss must be known finite first
+          flush()
+        if save_now:
           save(done)
-        if tc.eval_every and done % tc.eval_every == 0:
-          if pending is not None:
-            finish_step(*pending)
-            pending = None
+        if eval_now:
           res = evaluate_batches(eval_graphdef, state["params"], state["rest"], eval_batches,
                                  tokenizer.byte_lengths())
           writer.write(done, {f"eval/{k}": v for k, v in res.items() if k in ("loss", "bits_per_byte")})
-        if probe is not None and (done % acfg.every == 0 or done == tc.steps):
-          if pending is not None:
-            finish_step(*pending)
-            pending = None
+        if sinks_now:
           log_sinks(done)
         step = done
-      if pending is not None:
-        finish_step(*pending)
-        pending = None
+      flush()
       if status == "interrupted" or step != last_saved:
         save(step)
       if status == "interrupted":
@@ -242,11 +221,7 @@ def train(cfg: ExperimentConfig, workdir: str, *, force: bool = False, process_i
     bar.close()
     ckpt.close()
     writer.close()
-
-  result = TrainResult(step=step, status=status, history=history)
-  if status == "finished" and tc.eval_at_end:
-    result.eval = run_evaluation(cfg, eval_graphdef, state["params"], state["rest"], workdir, step=step)
-  return result
+  return TrainResult(step=step, status=status, history=history, eval_graphdef=eval_graphdef, state=state)
 
 
-__all__ = ["NonFiniteLossError", "TrainResult", "build_state", "check_workdir", "train"]
+__all__ = ["NonFiniteLossError", "TrainResult", "check_workdir", "data_layout", "train"]

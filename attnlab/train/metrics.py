@@ -12,6 +12,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from tensorboardX import SummaryWriter
 
 
 def matmul_flops_per_token(params, model_cfg, seq_len: int) -> float:
@@ -54,7 +55,6 @@ class MetricsWriter:
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
     self._tb = None
     if tensorboard:
-      from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, metrics: dict) -> None:

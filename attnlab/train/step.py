@@ -1,8 +1,7 @@
 """The jitted train step (NNX split/merge + ``jax.jit`` with the state donated).
 
-The train state is a dict of pytrees: ``params`` (the ``nnx.Param`` state, float32 master weights), ``rest``
-(every other NNX variable: buffers the forward mutates, e.g. k-means EMAs, and RNG streams), ``opt_state`` and
-``step``. The forward runs on ``nnx.merge(graphdef, params, rest)`` in train mode; the ``rest`` it leaves behind
+The train state is :mod:`attnlab.state.train_state`'s dict (``params``, ``rest``, ``opt_state``, ``step``). The
+forward runs on ``nnx.merge(graphdef, params, rest)`` in train mode; the ``rest`` it leaves behind
 is carried to the next step. Loss = mean masked CE + z-loss + the model's ``aux["aux_loss"]``. With
 ``grad_accum = A`` the batch is split into A micro-batches scanned in order; gradients are summed with the
 token-count normalisation of the full batch, so A micro-batches equal one big batch up to float rounding.
@@ -20,30 +19,10 @@ import functools
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
 from attnlab.parallel.sharding import DEFAULT_RULES, batch_sharding, replicated, state_shardings
-from attnlab.train.config import OptimizerConfig
-from attnlab.train.loss import token_losses
-from attnlab.train.optimizer import make_optimizer
-
-MODEL_INPUTS = ("inputs", "positions", "segment_ids")
-
-
-def split_model(model: nnx.Module):
-  """(graphdef, params, rest) of a model in its current (train/eval) mode."""
-  return nnx.split(model, nnx.Param, ...)
-
-
-def forward(graphdef, params, rest, batch, *, return_aux=True):
-  """Runs the model on a batch; returns (logits, aux, rest after the forward)."""
-  # copy=True: fresh Variables owned by this trace, so the forward may update non-Param state (e.g. routing's
-  # k-means EMA) inside jax.value_and_grad.
-  model = nnx.merge(graphdef, params, rest, copy=True)
-  logits, aux = model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"],
-                      return_aux=return_aux)
-  _, _, new_rest = split_model(model)
-  return logits, aux, new_rest
+from attnlab.state.forward import forward, token_losses
+from attnlab.state.optimizer import OptimizerConfig, make_optimizer
 
 
 def _micro_loss(params, rest, batch, *, graphdef, z_loss, num_tokens, num_micro):
@@ -119,13 +98,3 @@ def train_step_fn(graphdef, opt_cfg: OptimizerConfig, total_steps: int, z_loss: 
     return jax.jit(step, donate_argnums=0)
   return ShardedStep(step, mesh, rules)
 
-
-def init_state(model: nnx.Module, opt_cfg: OptimizerConfig, total_steps: int):
-  """(train graphdef, eval graphdef, initial train state) of a freshly built model."""
-  model.eval()
-  eval_graphdef, _, _ = split_model(model)
-  model.train()
-  graphdef, params, rest = split_model(model)
-  tx, _ = make_optimizer(opt_cfg, total_steps)
-  state = {"params": params, "rest": rest, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
-  return graphdef, eval_graphdef, state

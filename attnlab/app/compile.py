@@ -1,5 +1,5 @@
-"""Ahead-of-time compilation of the sharded train step for a TPU topology, on any machine (MaxText
-``train_compile.py`` style): an out-of-memory pod job shows up before the pod is booked.
+"""``attnlab compile``: ahead-of-time compilation of the sharded train step for a TPU topology, on any machine
+(MaxText ``train_compile.py`` style): an out-of-memory pod job shows up before the pod is booked.
 
 ``jax.experimental.topologies.get_topology_desc("v5e:2x2", "tpu")`` describes the target's devices without
 owning them (it needs ``libtpu``, ``pip install 'attnlab[tpu]'``); the step is lowered on abstract arrays that
@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
+import sys
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import topologies
 
+from attnlab.app.workdir import load_config
 from attnlab.parallel.mesh import make_mesh
 from attnlab.parallel.sharding import DEFAULT_RULES, batch_sharding, state_shardings
+from attnlab.state import build_state
+from attnlab.train.step import train_step_fn
 
 
 @dataclasses.dataclass
@@ -47,15 +54,11 @@ def topology_devices(topology: str, platform: str = "tpu"):
   if platform == "tpu" and importlib.util.find_spec("libtpu") is None:
     raise RuntimeError("AOT compilation for a TPU topology needs libtpu on this machine (it holds the TPU "
                        "compiler): pip install 'attnlab[tpu]'")
-  from jax.experimental import topologies
   return topologies.get_topology_desc(topology, platform).devices
 
 
 def compile_train_step(cfg, topology: str, *, platform: str = "tpu", rules=DEFAULT_RULES) -> CompileReport:
   """Lowers and compiles ``cfg``'s sharded train step for ``topology``; nothing is allocated on any device."""
-  from attnlab.train.loop import build_state
-  from attnlab.train.step import train_step_fn
-
   devices = topology_devices(topology, platform)
   mesh = make_mesh(cfg.mesh, devices)
   hosts = len({d.process_index for d in devices})
@@ -82,3 +85,21 @@ def compile_train_step(cfg, topology: str, *, platform: str = "tpu", rules=DEFAU
   with jax.set_mesh(mesh):
     compiled = step.jitted(abstract).lower(abstract, batch).compile()
   return CompileReport(topology, len(devices), hosts, dict(mesh.shape), rows, compiled.memory_analysis())
+
+
+def run(gin_files: Sequence[str], bindings: Sequence[str] = (), *, topology: str, platform: str = "tpu",
+        search_paths: Sequence[str] = ()) -> int:
+  """The ``attnlab compile`` job: prints the memory per device, or the reason it cannot compile (exit status 1)."""
+  # Compile only: JAX itself stays on the CPU (no accelerator is claimed, also on a TPU VM), and libtpu may be
+  # loaded by several such processes at once (otherwise they collide on /tmp/libtpu_lockfile).
+  if "JAX_PLATFORMS" not in os.environ:
+    jax.config.update("jax_platforms", "cpu")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  cfg = load_config(gin_files, bindings, search_paths=search_paths)
+  try:
+    report = compile_train_step(cfg, topology, platform=platform)
+  except RuntimeError as e:
+    print(f"attnlab compile: error: {e}", file=sys.stderr)
+    return 1
+  print(report.format())
+  return 0

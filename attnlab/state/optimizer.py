@@ -1,11 +1,38 @@
-"""optax AdamW with warmup + decay, gradient clipping and a weight-decay mask."""
+"""The optimizer of the train state: optax AdamW with warmup + decay, gradient clipping and a weight-decay mask
+(its typed config :class:`OptimizerConfig` is bound by gin in ``attnlab.configs``)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import optax
 
-from attnlab.train.config import OptimizerConfig
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """AdamW (Loshchilov & Hutter 2019) with linear warmup to ``learning_rate`` then cosine or linear decay to
+  ``learning_rate · final_lr_fraction`` at ``decay_steps`` (None -> the run's ``steps``), and global-norm
+  gradient clipping. Weight decay applies to matrices only, not to norms, biases or embeddings unless asked."""
+
+  learning_rate: float = 3e-3
+  warmup_steps: int = 100
+  decay: str = "cosine"  # "cosine" | "linear" | "constant"
+  decay_steps: int | None = None
+  final_lr_fraction: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.1
+  decay_embeddings: bool = False
+  decay_norms_and_biases: bool = False
+  grad_clip: float | None = 1.0
+
+  def __post_init__(self):
+    if self.decay not in ("cosine", "linear", "constant"):
+      raise ValueError(f"decay must be 'cosine', 'linear' or 'constant'; got {self.decay!r}")
+    if self.learning_rate <= 0 or self.warmup_steps < 0:
+      raise ValueError("learning_rate must be positive and warmup_steps non-negative")
 
 
 def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:

@@ -1,0 +1,65 @@
+"""``attnlab sweep`` / ``attnlab demo``: train and analyse every arm of a sink sweep, then write the comparison table
+(the sweep's layout and table: :mod:`attnlab.analysis.sweep`).
+
+Each arm trains in ``WORKDIR/<task>/<arm>`` through the ordinary harness (resuming an interrupted run, skipping a
+finished one that already has its ``sinks.json``), then gets its sink report.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+
+from attnlab.analysis.sweep import Arm, discover, read_json, table_row, write_table
+from attnlab.analysis.workdir import NO_BOS_DIR, write_sink_reports
+from attnlab.app.train import train_and_evaluate
+from attnlab.app.workdir import load_config
+from attnlab.configs import resolve_path, write_run_configs
+from attnlab.train import check_workdir
+
+
+def run_arm(arm: Arm, workdir: str, bindings: Sequence[str] = ()) -> dict:
+  """Trains (or resumes, or reuses) one arm in ``workdir`` and returns its table row."""
+  cfg = load_config(arm.gin_files, bindings)
+  check_workdir(workdir, cfg)
+  report = read_json(os.path.join(workdir, "sinks.json"))
+  t0 = time.perf_counter()
+  trained = report is None or report.get("step") != cfg.train.steps
+  if trained:
+    write_run_configs(workdir, f"# attnlab sweep: {' '.join(arm.gin_files)} {' '.join(bindings)}\n\n")
+    result, _ = train_and_evaluate(cfg, workdir)
+    reports = write_sink_reports(cfg, workdir, result.step, result.eval_graphdef, result.state)
+    report, no_bos = reports["bos"], reports["no_bos"]
+  else:
+    no_bos = read_json(os.path.join(workdir, NO_BOS_DIR, "sinks.json"))
+  seconds = round(time.perf_counter() - t0, 1) if trained else None
+  evaluation = read_json(os.path.join(workdir, "eval.json")) or {}
+  return table_row(arm, workdir, cfg.train.steps, seconds, report, no_bos, evaluation)
+
+
+def run_sweep(sweep_dir: str, workdir: str, *, short: bool = False, tasks: Sequence[str] | None = None,
+              arms: Sequence[str] | None = None, bindings: Sequence[str] = (),
+              log: Callable[[str], None] = print) -> tuple[list[dict], str]:
+  """Runs every arm (see the module docstring); returns (rows, Markdown table)."""
+  todo = discover(sweep_dir, short=short, tasks=tasks, arms=arms)
+  rows = []
+  for i, arm in enumerate(todo, 1):
+    row = run_arm(arm, os.path.join(workdir, arm.task, arm.name), bindings)
+    rows.append(row)
+    took = f"trained in {row['seconds']:.0f} s" if row["seconds"] is not None else "reused"
+    log(f"[{i}/{len(todo)}] {arm.task}/{arm.name}: {took}; loss {row['loss']:.3f}, Sink_1 proxy "
+        f"{row.get('sink_rate_proxy', float('nan')):.1f} %, raw {row.get('sink_rate_raw', float('nan')):.1f} %, "
+        f"raw first-token weight {row.get('first_token_attn_raw', float('nan')):.2f}")
+  return rows, write_table(rows, workdir, short=short)
+
+
+def run(sweep_dir: str, workdir: str, *, short: bool = False, tasks: Sequence[str] | None = None,
+        arms: Sequence[str] | None = None, bindings: Sequence[str] = ()) -> int:
+  """The ``attnlab sweep`` job; ``sweep_dir`` may name the packaged sweep (``experiments/sinks``) from anywhere."""
+  _, table = run_sweep(resolve_path(sweep_dir), workdir, short=short, tasks=tasks, arms=arms, bindings=bindings,
+                       log=lambda line: print(line, flush=True))
+  print()
+  print(table)
+  print(f"wrote {os.path.join(workdir, 'sink_table')}.md/.json/.png")
+  return 0

@@ -1,0 +1,1 @@
+"""The experiment gin files, installed as the package data of ``attnlab.experiments``."""
