@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 import attnlab
-from attnlab.attention.lightning import lightning_chunked, log_decay
+from attnlab.ops.lightning import lightning_chunked, log_decay
 from _timing import compile_and_time  # benchmarks/_timing.py (the script's folder is on sys.path)
 
 
@@ -86,7 +86,7 @@ def main():
             f"are noisy; median of {a.repeats} runs after one warm-up. fwd+bwd = jit(grad(sum(attn(q,k,v) * w))) "
             "w.r.t. q, k, v. Memory = XLA compiled memory_analysis().temp_size_in_bytes (peak scratch, excludes "
             "arguments), available for every n even where softmax was not timed. Softmax = attnlab.attend "
-            "(dense causal, float32). Lightning = attnlab.attention.lightning.lightning_chunked (jnp; the Pallas "
+            "(dense causal, float32). Lightning = attnlab.ops.lightning.lightning_chunked (jnp; the Pallas "
             "kernel is not timed: interpret mode on CPU measures nothing)."),
       config=dict(batch=a.batch, heads=a.heads, head_dim=a.head_dim, value_dim=a.head_dim, block=a.block,
                   dtype="float32", decay="tnl", repeats=a.repeats, softmax_budget_s=a.softmax_budget_s),

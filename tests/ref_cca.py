@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnlab.attention.scores import ScoreContext, get_score
+from attnlab.ops.scores import ScoreContext, get_score
 
 
 def ref_mask(seq_len: int, group_size: int, window_size: int) -> np.ndarray:

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attnlab.attention.lightning import (alibi_slopes, lightning_chunked, lightning_naive, lightning_recurrent,
+from attnlab.ops.lightning import (alibi_slopes, lightning_chunked, lightning_naive, lightning_recurrent,
                                          lightning_step, log_decay)
 from tests.ref_lightning import lightning_ref, linear_attention_cumsum
 

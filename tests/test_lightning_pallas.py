@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attnlab.attention.lightning import log_decay
+from attnlab.ops.lightning import log_decay
 from kernels_pallas.lightning import lightning_attention
 from tests.ref_lightning import lightning_ref
 

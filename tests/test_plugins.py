@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import attnlab
-from attnlab.attention.scores.registry import register_score
+from attnlab.ops.scores.registry import register_score
 from attnlab.attention.variants.dot_product import DotProductAttention
 from attnlab.data.synthetic import register_task
 

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from attnlab.attention.dispatch import implementations
-from attnlab.attention.scores import get_score
+from attnlab.ops.scores import get_score
 from attnlab.layers import check_rope_scaling
 
 GATES = (None, "elementwise", "headwise")
@@ -141,7 +141,7 @@ class RopeVariants(BaseAttentionConfig):
 
 @dataclasses.dataclass(frozen=True)
 class ScoreFields(BaseAttentionConfig):
-  """A score function by name (:mod:`attnlab.attention.scores`) and its parameters."""
+  """A score function by name (:mod:`attnlab.ops.scores`) and its parameters."""
 
   score: str = "softmax"
   score_params: Any = ()  # mapping or (name, value) pairs, e.g. {"b": 0.0, "normalize": True}

@@ -13,8 +13,8 @@ from typing import Any, Callable
 
 import jax
 
-from attnlab.attention.dense import check_inputs, dense_attention
-from attnlab.attention.scores import get_score
+from attnlab.ops.dense import check_inputs, dense_attention
+from attnlab.ops.scores import get_score
 from kernels_pallas.flash import flash_attention, flash_unsupported
 
 
@@ -99,7 +99,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, score: str = "softmax", 
     segment_ids: (batch, seq) int ids when ``q_len == kv_len``, or a ``(q_ids, kv_ids)`` pair; tokens attend
       only within their segment (packing).
     sink_logits: (num_heads,) per-head sink logit (softmax only): adds ``exp(sink_h)`` to the denominator.
-    impl: a registered backend -- "xla" (dense, :func:`attnlab.attention.dense.dense_attention`), "pallas"
+    impl: a registered backend -- "xla" (dense, :func:`attnlab.ops.dense.dense_attention`), "pallas"
       (the flash kernel of :mod:`kernels_pallas.flash`) -- or "auto": the first backend in the table that accepts
       the call on this platform (the kernel on GPU/TPU, the dense path otherwise).
     **score_params: parameters of the score function (e.g. ``b``/``normalize`` for sigmoid).

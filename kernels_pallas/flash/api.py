@@ -8,8 +8,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from attnlab.attention.dense import check_inputs, split_segment_ids
-from attnlab.attention.scores import ScoreContext, get_score
+from attnlab.ops.dense import check_inputs, split_segment_ids
+from attnlab.ops.scores import ScoreContext, get_score
 from kernels_pallas.flash import gpu, tpu
 from kernels_pallas.flash.common import FlashStatic
 from kernels_pallas.flash.config import BACKENDS, BlockSizes

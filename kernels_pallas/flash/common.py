@@ -2,7 +2,7 @@
 
 Both kernels call exactly these functions on one (block_q, block_kv) tile; they differ only in how tiles are
 scheduled (a Triton-style loop over key blocks vs. a TPU grid axis with VMEM scratch). The score function enters
-only through its :class:`attnlab.attention.scores.registry.Blockwise` hooks.
+only through its :class:`attnlab.ops.scores.registry.Blockwise` hooks.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnlab.attention.scores.registry import Blockwise
+from attnlab.ops.scores.registry import Blockwise
 from kernels_pallas.flash.config import BlockSizes
 
 # Finite stand-in for -inf in running maxima (exp(MASK - m) underflows to 0, never NaN).

@@ -1,4 +1,4 @@
-"""Pure-jnp reference of the flash op: the output is the dense path (:func:`attnlab.attention.dense.dense_attention`);
+"""Pure-jnp reference of the flash op: the output is the dense path (:func:`attnlab.ops.dense.dense_attention`);
 the residual ``r`` is
 the same row statistic the kernels keep, computed over the whole (dense) row with the score's hooks.
 
@@ -12,9 +12,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from attnlab.attention.dense import dense_attention, split_segment_ids
-from attnlab.attention.masks import causal_mask, segment_mask
-from attnlab.attention.scores import ScoreContext, get_score
+from attnlab.ops.dense import dense_attention, split_segment_ids
+from attnlab.ops.masks import causal_mask, segment_mask
+from attnlab.ops.scores import ScoreContext, get_score
 from kernels_pallas.flash.common import MASK_VALUE
 
 

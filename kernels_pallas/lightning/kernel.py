@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from attnlab.attention.lightning.common import check_inputs
+from attnlab.ops.lightning.common import check_inputs
 
 _F32 = jnp.float32
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from attnlab.attention.cca.forward import _setup, cca_attention
 from attnlab.attention.cca.pooling import pool_core, split_heads
 from attnlab.attention.cca.rows import attend_rows, prepare_inputs
-from attnlab.attention.scores import ScoreContext
+from attnlab.ops.scores import ScoreContext
 
 
 class CCACache(NamedTuple):

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 from attnlab.attention.cca.pooling import (check_cca_params, pool_core, pooling_weights, split_heads,
                                           visible_core_count)
 from attnlab.attention.cca.rows import attend_rows, grouped_sinks, prepare_inputs
-from attnlab.attention.dense import check_inputs
-from attnlab.attention.scores import ScoreContext, get_score
+from attnlab.ops.dense import check_inputs
+from attnlab.ops.scores import ScoreContext, get_score
 
 
 def _setup(q, k, v, group_size, window_size, score, sink_logits, score_params):

@@ -6,7 +6,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from attnlab.attention.scores import ScoreContext, ScoreFunction
+from attnlab.ops.scores import ScoreContext, ScoreFunction
 
 
 def prepare_inputs(fn: ScoreFunction, q, k, core_k, scale, ctx: ScoreContext, params: dict[str, Any]):

@@ -32,7 +32,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from attnlab.attention.dense import attention_weights
+from attnlab.ops.dense import attention_weights
 from attnlab.attention.routing.kmeans import centroid_scores
 from attnlab.attention.routing.local import NEG
 

@@ -20,9 +20,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attnlab.attention.config import AttentionConfig
-from attnlab.attention.dense import attention_weights
+from attnlab.ops.dense import attention_weights
 from attnlab.attention.dispatch import attend
-from attnlab.attention.masks import self_attention_mask
+from attnlab.ops.masks import self_attention_mask
 from attnlab.attention.projections import HeadsOutput, QKVProjection, make_gate
 from attnlab.attention.registry import register_attention
 

@@ -5,7 +5,7 @@ Attention-2"), the ``NormLinearAttention`` layer of the released TNL models:
     o = ((q k^T) ⊙ M) v,  M_ij = lambda_h^(i-j) (i >= j)       (lightning attention, no softmax, no normaliser)
     y = (u ⊙ SRMSNorm(o)) W_out,   SRMSNorm(x) = x / sqrt(mean(x^2) + eps)   (over all heads, no gain)
 
-The per-head decay follows ``LightningConfig.decay`` (see :mod:`attnlab.attention.lightning.decay`); it depends on
+The per-head decay follows ``LightningConfig.decay`` (see :mod:`attnlab.ops.lightning.decay`); it depends on
 the layer's depth, which the LM supplies through :meth:`LightningConfig.for_layer`. Decoding: :meth:`prefill`
 returns the (batch, heads, d, e) state, :meth:`step` continues token by token from it.
 """
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attnlab.attention.config import BaseAttentionConfig
-from attnlab.attention.lightning import (DECAYS, lightning_chunked, lightning_naive, lightning_recurrent,
+from attnlab.ops.lightning import (DECAYS, lightning_chunked, lightning_naive, lightning_recurrent,
                                          lightning_weights, log_decay)
 from attnlab.attention.registry import register_attention
 from attnlab.layers import apply_rope, kernel_init

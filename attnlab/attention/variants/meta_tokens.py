@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attnlab.attention.config import AttentionConfig
-from attnlab.attention.dense import attention_weights
+from attnlab.ops.dense import attention_weights
 from attnlab.attention.meta_tokens import MODES, meta_attention, meta_attention_mask
 from attnlab.attention.projections import QKVProjection
 from attnlab.attention.registry import register_attention

@@ -27,8 +27,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attnlab.attention.config import QKNorm
-from attnlab.attention.dense import attention_weights
-from attnlab.attention.masks import self_attention_mask
+from attnlab.ops.dense import attention_weights
+from attnlab.ops.masks import self_attention_mask
 from attnlab.attention.projections import QKVProjection
 from attnlab.attention.registry import register_attention
 from attnlab.attention.routing import (ROUTINGS, balanced_assignment, balanced_attention, commitment_loss,

@@ -13,7 +13,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from attnlab.attention.scores.registry import Blockwise, register_score, visible_count
+from attnlab.ops.scores.registry import Blockwise, register_score, visible_count
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from attnlab.attention.scores.registry import Blockwise, register_score
+from attnlab.ops.scores.registry import Blockwise, register_score
 
 
 @dataclasses.dataclass(frozen=True)

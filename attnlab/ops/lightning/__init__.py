@@ -6,10 +6,10 @@ Three forms that agree in forward and gradient: :func:`lightning_naive` (dense r
 The Pallas kernel lives in ``kernels_pallas.lightning``.
 """
 
-from attnlab.attention.lightning.chunked import lightning_chunked
-from attnlab.attention.lightning.decay import DECAYS, alibi_slopes, log_decay
-from attnlab.attention.lightning.naive import lightning_naive, lightning_weights
-from attnlab.attention.lightning.recurrent import lightning_recurrent, lightning_step
+from attnlab.ops.lightning.chunked import lightning_chunked
+from attnlab.ops.lightning.decay import DECAYS, alibi_slopes, log_decay
+from attnlab.ops.lightning.naive import lightning_naive, lightning_weights
+from attnlab.ops.lightning.recurrent import lightning_recurrent, lightning_step
 
 __all__ = ["DECAYS", "alibi_slopes", "lightning_chunked", "lightning_naive", "lightning_recurrent",
            "lightning_step", "lightning_weights", "log_decay"]

@@ -2,7 +2,7 @@
 
 Every backend (the Pallas kernels, the blocked path) and every variant checks its inputs with
 :func:`check_inputs` and splits segment ids with :func:`split_segment_ids`; the score contract
-(:mod:`attnlab.attention.scores`) prepares q/k and resolves the scale. :func:`dense_attention` is what the other
+(:mod:`attnlab.ops.scores`) prepares q/k and resolves the scale. :func:`dense_attention` is what the other
 backends are tested against.
 
 Layout follows ``jax.nn.dot_product_attention``: q ``(batch, q_len, num_heads, head_dim)``, k/v
@@ -19,8 +19,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from attnlab.attention.masks import causal_mask, combine_masks, segment_mask
-from attnlab.attention.scores import ScoreContext, get_score
+from attnlab.ops.masks import causal_mask, combine_masks, segment_mask
+from attnlab.ops.scores import ScoreContext, get_score
 
 
 def check_inputs(q, k, v) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attnlab.attention.lightning.common import check_inputs, intra_decay, same_segment
+from attnlab.ops.lightning.common import check_inputs, intra_decay, same_segment
 
 
 def lightning_weights(q: jax.Array, k: jax.Array, log_decay: jax.Array, *, scale: float = 1.0,

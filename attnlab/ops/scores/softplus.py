@@ -18,7 +18,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from attnlab.attention.scores.registry import Blockwise, register_score, safe_row_normalize, visible_count
+from attnlab.ops.scores.registry import Blockwise, register_score, safe_row_normalize, visible_count
 
 _L2_EPS = 1e-6
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attnlab.attention.lightning.common import check_inputs, decay_pow, intra_decay
+from attnlab.ops.lightning.common import check_inputs, decay_pow, intra_decay
 
 
 def _blocks(q, k, v, s, state, size, seg, seg_before):

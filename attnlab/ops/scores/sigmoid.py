@@ -16,7 +16,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from attnlab.attention.scores.registry import Blockwise, register_score, safe_row_normalize
+from attnlab.ops.scores.registry import Blockwise, register_score, safe_row_normalize
 
 
 def default_sigmoid_bias(kv_len: int) -> float:

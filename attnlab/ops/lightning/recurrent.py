@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attnlab.attention.lightning.common import check_inputs
+from attnlab.ops.lightning.common import check_inputs
 
 
 def lightning_step(q: jax.Array, k: jax.Array, v: jax.Array, log_decay: jax.Array, state: jax.Array, *,
