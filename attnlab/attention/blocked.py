@@ -33,9 +33,16 @@ from kernels_pallas.flash import common
 from kernels_pallas.flash.common import FlashStatic
 from kernels_pallas.flash.config import BlockSizes
 
-# Tile sizes measured on CPU (benchmarks/blocked_cpu.py): large tiles keep XLA's matmuls efficient.
-DEFAULT_BLOCK_Q = 512
-DEFAULT_BLOCK_KV = 512
+# Default tile: a quarter of the key length rounded to a power of two, within [128, 512] (measured on CPU with
+# benchmarks/blocked_cpu.py: large tiles keep XLA's matmuls efficient, four or more key blocks let causal and
+# window masks skip tiles).
+MIN_BLOCK, MAX_BLOCK = 128, 512
+
+
+def default_block(kv_len: int) -> int:
+  """The default block_q = block_kv for ``kv_len`` keys (clamped to each length by the caller)."""
+  quarter = 1 << max(kv_len // 4, 1).bit_length() - 1
+  return max(MIN_BLOCK, min(MAX_BLOCK, quarter))
 
 
 def blocked_unsupported(q, k, v, *, score: str, bias=None, mask=None, score_params: dict, window=None,
@@ -179,7 +186,8 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, score: str = 
     q: (batch, q_len, num_heads, head_dim); k, v: (batch, kv_len, num_kv_heads, head_dim | v_dim).
     score, causal, scale, segment_ids, sink_logits, **score_params: as :func:`attnlab.attend`.
     window: sliding window W: the query at absolute position p = i + kv_len - q_len sees keys p - W < j <= p.
-    block_q, block_kv: tile sizes (default 512, clamped to the lengths; lengths need not be multiples).
+    block_q, block_kv: tile sizes (default :func:`default_block`, clamped to the lengths; lengths need not be
+      multiples of them).
     return_residuals: also return r (batch, num_heads, q_len): the row log-sum-exp for softmax (sink included;
       sink mass = exp(sink_h - r_i)), the log row denominator for the normalised scores.
 
@@ -200,8 +208,8 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, score: str = 
   q, k, scale = fn.prepare_inputs(q, k, scale, ctx, score_params)
   sinks = fn.check_sink_logits(sink_logits, heads)
 
-  bq = min(block_q or DEFAULT_BLOCK_Q, q_len)
-  bk = min(block_kv or DEFAULT_BLOCK_KV, kv_len)
+  bq = min(block_q or default_block(kv_len), q_len)
+  bk = min(block_kv or default_block(kv_len), kv_len)
   nq, nk = -(-q_len // bq), -(-kv_len // bk)
   qp, kp = nq * bq, nk * bk
   st = FlashStatic(score=hooks, causal=bool(causal), scale=float(scale), blocks=BlockSizes(bq, bk, bq, bk),
@@ -236,8 +244,4 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, score: str = 
   r = r[..., 0].transpose(1, 2, 3, 0, 4).reshape(batch, heads, qp)[..., :q_len]
   return o, r
 
-
-def default_blocks(q_len: int, kv_len: int) -> tuple[int, int]:
-  """The (block_q, block_kv) :func:`blocked_attention` uses for these lengths."""
-  return min(DEFAULT_BLOCK_Q, q_len), min(DEFAULT_BLOCK_KV, kv_len)
 
