@@ -9,8 +9,9 @@ hooks (FlashSigmoid: Ramapuram et al., arXiv 2409.04431). The tile math is :mod:
 same functions the Pallas kernels call, so score functions, sink logits, GQA, segment ids, end-aligned decode
 (q_len < kv_len, q_len 1 included), sliding windows and the residual ``r`` come from one body.
 
-Schedule: a ``lax.scan`` over query blocks, inside it a ``lax.fori_loop`` over exactly the key blocks that can be
-visible (causal: up to the diagonal; window W: from the band's lower edge), so fully masked tiles cost nothing.
+Schedule: a ``lax.scan`` over query blocks, inside it ``lax.fori_loop`` s over exactly the key blocks that can be
+visible (causal: up to the diagonal; window W: from the band's lower edge), so fully masked tiles cost nothing,
+and tiles entirely inside the band skip the mask.
 The G query heads of one kv head are stacked as G * block_q rows of one matmul (GQA without repeating k/v). The
 custom VJP keeps only (q, k, v, o, r) and recomputes each tile's weights from ``r`` in one backward sweep that
 accumulates dq per query block and dk/dv in place (no n x n residual; temporaries O(n d + block_q block_kv)).
@@ -73,18 +74,27 @@ def _group_matmul(u, v):
   return out.reshape(b, h, g, bq, v.shape[-1])
 
 
-def _tile(st: FlashStatic, i, j, bq: int, bk: int, qm, kt, q_seg, kv_seg):
-  """Logits (B, Hkv, G, bq, bk) and mask of tile (query block i, key block j); q is pre-scaled."""
+def _tile(st: FlashStatic, i, j, bq: int, bk: int, qm, kt, q_seg, kv_seg, masked: bool):
+  """Logits (B, Hkv, G, bq, bk) and mask (None for a tile inside the band) of tile (query block i, key block j);
+  q is pre-scaled."""
   b, h, gbq, _ = qm.shape
   k_start = j * bk
   kj = jax.lax.dynamic_slice_in_dim(kt, k_start, bk, axis=2)
   k_seg = None if kv_seg is None else jax.lax.dynamic_slice_in_dim(kv_seg, k_start, bk, axis=-1)
   s = _dot(qm, kj, "bhmd,bhkd->bhmk").reshape(b, h, gbq // bq, bq, bk)
-  return s, common.block_mask(st, i * bq, k_start, bq, bk, q_seg, k_seg), kj
+  mask = common.block_mask(st, i * bq, k_start, bq, bk, q_seg, k_seg) if masked else None
+  return s, mask, kj
 
 
-def _key_range(st: FlashStatic, i, bq: int, bk: int, nk: int):
-  return common.kv_block_start(st, i * bq, bk, nk), common.kv_block_range(st, i * bq, bq, bk, nk)
+def _loop_key_blocks(st: FlashStatic, i, bq: int, bk: int, nk: int, body, carry):
+  """Runs ``body(j, carry, masked)`` over the key blocks query block i can see: the band's edge tiles with their
+  mask, the tiles entirely inside it without one (no select over the tile)."""
+  lo, hi = common.kv_block_start(st, i * bq, bk, nk), common.kv_block_range(st, i * bq, bq, bk, nk)
+  full_lo, full_hi = common.kv_full_block_range(st, i * bq, bq, bk, lo, hi)
+  masked = lambda j, c: body(j, c, True)
+  carry = jax.lax.fori_loop(lo, full_lo, masked, carry)
+  carry = jax.lax.fori_loop(full_lo, full_hi, lambda j, c: body(j, c, False), carry)
+  return jax.lax.fori_loop(full_hi, hi, masked, carry)
 
 
 def _forward(st: FlashStatic, qb, kt, vt, sinks, q_seg, kv_seg, count):
@@ -97,13 +107,13 @@ def _forward(st: FlashStatic, qb, kt, vt, sinks, q_seg, kv_seg, count):
     i, qi, q_seg_i, n = xs
     qm = qi.reshape(b, h, g * bq, d)
 
-    def body(j, carry):
-      s, mask, _ = _tile(st, i, j, bq, bk, qm, kt, q_seg_i, kv_seg)
+    def body(j, carry, masked):
+      s, mask, _ = _tile(st, i, j, bq, bk, qm, kt, q_seg_i, kv_seg, masked)
       vj = jax.lax.dynamic_slice_in_dim(vt, j * bk, bk, axis=2)
       return common.fwd_block(st, s, mask, n, vj, *carry, matmul=_group_matmul)
 
     carry = common.init_state(st, sinks, n, bq, dv, lead=(b, h, g))
-    m, l, acc = jax.lax.fori_loop(*_key_range(st, i, bq, bk, nk), body, carry)
+    m, l, acc = _loop_key_blocks(st, i, bq, bk, nk, body, carry)
     o, r = common.finalize(st, m, l, acc, n)
     return None, (o.astype(qb.dtype), r)
 
@@ -135,9 +145,9 @@ def _blocked_bwd(st, res, cotangents):
     qm = qi.reshape(b, h, g * bq, d)
     dom = do_i.reshape(b, h, g * bq, dv_dim)
 
-    def body(j, carry):
+    def body(j, carry, masked):
       dq, dk, dv = carry
-      s, mask, kj = _tile(st, i, j, bq, bk, qm, kt, q_seg_i, kv_seg)
+      s, mask, kj = _tile(st, i, j, bq, bk, qm, kt, q_seg_i, kv_seg, masked)
       vj = jax.lax.dynamic_slice_in_dim(vt, j * bk, bk, axis=2)
       dp = _dot(dom, vj, "bhmd,bhkd->bhmk").reshape(s.shape)
       p, ds = common.bwd_block(st, s, mask, r_i, n, dp, delta_i)
@@ -152,8 +162,7 @@ def _blocked_bwd(st, res, cotangents):
       dv = jax.lax.dynamic_update_slice_in_dim(dv, dv_j, k_start, axis=2)
       return dq, dk, dv
 
-    dq, dk, dv = jax.lax.fori_loop(*_key_range(st, i, bq, bk, nk), body,
-                                   (jnp.zeros((b, h, g * bq, d), jnp.float32), *carry))
+    dq, dk, dv = _loop_key_blocks(st, i, bq, bk, nk, body, (jnp.zeros((b, h, g * bq, d), jnp.float32), *carry))
     return (dk, dv), dq.reshape(qi.shape)
 
   zeros_k = jnp.zeros(kt.shape, jnp.float32)

@@ -154,6 +154,24 @@ def kv_block_start(st: FlashStatic, q_start, bk: int, num_kv_blocks: int):
   return jnp.minimum(jax.lax.div(first_key, bk), num_kv_blocks)
 
 
+def kv_full_block_range(st: FlashStatic, q_start, bq: int, bk: int, lo, hi):
+  """[full_lo, full_hi) within [lo, hi): the key blocks every query of [q_start, q_start + bq) sees entirely
+  (inside the causal/window band, no padding), which need no mask. Empty (hi, hi) when segments are present."""
+  if st.has_segments:
+    return hi, hi
+  full_hi = hi
+  if st.causal or st.window is not None:  # key block j is below the diagonal of the block's first query
+    full_hi = jnp.minimum(full_hi, jax.lax.div(jnp.maximum(q_start + st.offset + 1, 0), bk))
+  if st.kv_valid is not None:
+    full_hi = jnp.minimum(full_hi, st.kv_valid // bk)
+  full_lo = lo
+  if st.window is not None:  # and above the band's lower edge of the block's last query
+    first_key = q_start + bq - 1 + st.offset - st.window + 1
+    full_lo = jnp.maximum(lo, jax.lax.div(jnp.maximum(first_key + bk - 1, 0), bk))
+  empty = full_lo >= full_hi
+  return jnp.where(empty, hi, full_lo), jnp.where(empty, hi, full_hi)
+
+
 def q_block_start(st: FlashStatic, k_start, bq: int, num_q_blocks: int):
   """First query block that can see keys from k_start on (causal), else 0."""
   if not (st.causal or st.window is not None):
