@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 # Parameter initialisers. "pytorch": nn.Linear's U(-1/sqrt(fan_in), 1/sqrt(fan_in)) and nn.Embedding's N(0, 1)
-# (sinks form reliably with it in the Bigram-Backcopy recipe; see shared/research/sinks.md §7);
+# (sinks form reliably with it in the Bigram-Backcopy recipe, see README "Calibration");
 # "gpt": N(0, 0.02) everywhere (GPT-2 / nanoGPT).
 INITS = ("gpt", "pytorch")
 
