@@ -29,7 +29,7 @@ from kernels_pallas.flash import flash_attention, flash_unsupported
 
 # impl="auto" on CPU: the blocked path from this many keys on (and q_len > 1), the dense path below. Measured with
 # benchmarks/blocked_cpu.py (fwd+bwd, causal, f32): see benchmarks/results/blocked_cpu.json.
-BLOCKED_CPU_MIN_LEN = 1024
+BLOCKED_CPU_MIN_LEN = 256
 
 
 @dataclasses.dataclass(frozen=True)
