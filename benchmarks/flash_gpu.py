@@ -1,9 +1,14 @@
-"""GPU benchmark of the Pallas flash kernel vs jax.nn.dot_product_attention (cuDNN and XLA).
+"""GPU benchmark of the Pallas flash kernel, the pure-JAX blocked path and the efficient variants (lightning, CCA,
+routing) vs jax.nn.dot_product_attention (cuDNN and XLA), in one command.
 
 Times forward and forward+backward for n = 1k..32k, head_dim 64/128, bf16, causal (and optionally non-causal),
 at a fixed 2048-wide model (heads = 2048 / head_dim) and ~16k tokens per batch (batch = max(1, 16384 / n)).
 Reports ms and TFLOP/s (FLOPs: 4 * B * H * n^2 * d forward, halved when causal; fwd+bwd = 3.5x forward, the
 FlashAttention convention) and the device's peak memory. Writes benchmarks/results/flash_gpu_<device>.json.
+
+The efficient variants are causal only: ``lightning`` (``lightning_chunked``, chunk 64, TNL decay), ``cca``
+(``cca_attention``, g 16, s 1024), ``routing`` (nearest-centroid, shared q = k, k = round(sqrt(n)), w = ceil(n / k));
+their TFLOP/s column uses the softmax FLOP count (an "effective" rate: time relative to full attention).
 
 Run on an NVIDIA GPU:  PYTHONPATH=. python benchmarks/flash_gpu.py
 Smoke-test the script on CPU (interpret mode, tiny sizes, NOT performance numbers):  ... --dry-run
@@ -18,15 +23,39 @@ import platform
 import statistics
 import time
 
+import math
+
 import jax
 import jax.numpy as jnp
 
+import attnlab
+from attnlab.attention.cca import cca_attention
+from attnlab.ops.lightning import lightning_chunked, log_decay
+from attnlab.attention.routing import layer_norm, nearest_attention, nearest_centroid
 from kernels_pallas.flash import BlockSizes, flash_attention
 
-IMPLS = ("pallas_softmax", "pallas_sigmoid", "cudnn", "xla")
+IMPLS = ("pallas_softmax", "pallas_sigmoid", "blocked", "cudnn", "xla", "lightning", "cca", "routing")
+CAUSAL_ONLY = ("lightning", "cca", "routing")
 
 
-def _attention_fn(impl: str, causal: bool, blocks: BlockSizes, interpret: bool):
+def _attention_fn(impl: str, causal: bool, blocks: BlockSizes, interpret: bool, n: int = 0, heads: int = 1,
+                  head_dim: int = 64):
+  if impl == "blocked":  # flash-style attention in pure JAX (lax loops), no Pallas
+    return lambda q, k, v: attnlab.attend(q, k, v, causal=causal, impl="blocked")
+  if impl == "lightning":
+    s = jnp.asarray(log_decay("tnl", heads), jnp.float32)
+    return lambda q, k, v: lightning_chunked(q, k, v, s, block_size=64, scale=1.0 / math.sqrt(head_dim))
+  if impl == "cca":
+    return lambda q, k, v: cca_attention(q, k, v, group_size=16, window_size=min(1024, n))
+  if impl == "routing":
+    clusters = max(1, round(math.sqrt(n)))
+    mu = layer_norm(jax.random.normal(jax.random.key(7), (heads, clusters, head_dim)))
+
+    def routing(q, k, v):
+      del k
+      r = layer_norm(q)
+      return nearest_attention(r, v, nearest_centroid(r, mu).astype(jnp.int32), window=math.ceil(n / clusters))
+    return routing
   if impl == "pallas_softmax":
     return lambda q, k, v: flash_attention(q, k, v, causal=causal, block_sizes=blocks, backend="gpu",
                                            interpret=interpret)
@@ -66,7 +95,9 @@ def run(args) -> dict:
         q, k, v = (jax.random.normal(kk, (batch, n, heads, d), jnp.bfloat16) for kk in keys)
         flops_fwd = 4 * batch * heads * n * n * d * (0.5 if causal else 1.0)
         for impl in impls:
-          fn = _attention_fn(impl, causal, blocks, interpret=dry)
+          if impl in CAUSAL_ONLY and not causal:
+            continue
+          fn = _attention_fn(impl, causal, blocks, interpret=dry, n=n, heads=heads, head_dim=d)
           loss = lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v).astype(jnp.float32))
           row = dict(impl=impl, causal=causal, n=n, head_dim=d, heads=heads, batch=batch,
                      blocks=[blocks.block_q, blocks.block_kv], num_warps=blocks.num_warps)

@@ -41,12 +41,16 @@ class Case:
   block_kv: int = 16
   segments: bool = False
   sinks: tuple[float, ...] | None = None
+  window: int | None = None  # sliding window W (keys p - W < j <= p)
   dtype: str = "float32"
   residual: bool = True  # also differentiate through the returned residual r
 
   @property
   def kwargs(self) -> dict[str, Any]:
-    return dict(score=self.score, causal=self.causal, **dict(self.params))
+    kw = dict(score=self.score, causal=self.causal, **dict(self.params))
+    if self.window is not None:
+      kw["window"] = self.window
+    return kw
 
 
 def random_segments(key, batch: int, length: int, max_segments: int = 3) -> jax.Array:

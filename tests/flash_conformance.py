@@ -20,6 +20,12 @@ CASES = [
     Case("softpick_causal_segments", score="softpick", segments=True),
     Case("relu_decode_q_lt_kv", score="relu", q_len=16, kv_len=32),
     Case("softplus_causal_segments", score="softplus", segments=True),
+    # sliding window: band narrower than a block, wider than one, not a multiple; with GQA, segments, sinks, decode
+    Case("softmax_window_gqa_segments_sinks", window=11, segments=True, sinks=BIG, block_q=8, block_kv=8),
+    Case("softmax_window_decode_sinks", q_len=16, kv_len=48, window=20, sinks=(30.0, -30.0, 0.0, 2.0),
+         block_q=8, block_kv=8),
+    Case("relu_window_segments", score="relu", window=5, segments=True, block_q=8, block_kv=8),
+    Case("sigmoid_window_noncausal_flag", score="sigmoid", causal=False, window=9, block_q=8, block_kv=16),
 ]
 
 # Slow cases: more block sizes, bf16 for every score, bias +30, MQA.
@@ -32,6 +38,8 @@ SLOW_CASES = [
     Case("softpick_bf16_noncausal", score="softpick", causal=False, dtype="bfloat16"),
     Case("relu_segments_bf16", score="relu", segments=True, dtype="bfloat16"),
     Case("softplus_decode", score="softplus", q_len=16, kv_len=64, block_kv=32),
+    Case("softplus_window_segments", score="softplus", window=7, segments=True, block_q=8, block_kv=8),
+    Case("softpick_window_bf16", score="softpick", window=13, dtype="bfloat16", block_q=8, block_kv=8),
 ]
 
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 
 def naive_flash(q, k, v, *, segment_ids=None, sink_logits=None, score="softmax", causal=True, scale=None,
-                **params):
+                window=None, **params):
   f64 = jnp.float64
   q, k, v = (x.astype(f64) for x in (q, k, v))
   batch, q_len, heads, head_dim = q.shape
@@ -31,6 +31,8 @@ def naive_flash(q, k, v, *, segment_ids=None, sink_logits=None, score="softmax",
   mask = jnp.ones((batch, 1, q_len, kv_len), bool)
   if causal:
     mask = mask & (j <= i)
+  if window is not None:  # sliding window: p - W < j <= p
+    mask = mask & (j <= i) & (j > i - window)
   if segment_ids is not None:
     mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
   n = jnp.sum(mask, -1, keepdims=True).astype(f64)

@@ -14,14 +14,18 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def dense_mask(batch, heads, q_len, kv_len, *, causal, segment_ids=None, mask=None) -> np.ndarray:
-  """(batch, heads, q_len, kv_len) boolean; query i sits at absolute position i + kv_len - q_len."""
+def dense_mask(batch, heads, q_len, kv_len, *, causal, segment_ids=None, mask=None, window=None) -> np.ndarray:
+  """(batch, heads, q_len, kv_len) boolean; query i sits at absolute position p = i + kv_len - q_len and, with a
+  sliding window W, sees only keys p - W < j <= p."""
   out = np.zeros((batch, heads, q_len, kv_len), bool)
   for b in range(batch):
     for h in range(heads):
       for i in range(q_len):
         for j in range(kv_len):
-          ok = (j <= i + kv_len - q_len) if causal else True
+          p = i + kv_len - q_len
+          ok = (j <= p) if causal else True
+          if window is not None:
+            ok = ok and p - window < j <= p
           if segment_ids is not None:
             ok = ok and segment_ids[0][b, i] == segment_ids[1][b, j]
           if mask is not None:
@@ -31,7 +35,7 @@ def dense_mask(batch, heads, q_len, kv_len, *, causal, segment_ids=None, mask=No
 
 
 def reference_attend(q, k, v, *, score="softmax", causal=True, scale=None, bias=None, segment_ids=None, mask=None,
-                     sink_logits=None, **params):
+                     sink_logits=None, window=None, **params):
   """Dense float64 attention: returns (batch, q_len, heads, head_dim)."""
   q, k, v = (jnp.asarray(x, jnp.float64) for x in (q, k, v))
   batch, q_len, heads, d = q.shape
@@ -46,7 +50,8 @@ def reference_attend(q, k, v, *, score="softmax", causal=True, scale=None, bias=
   s = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
   if bias is not None:
     s = s + jnp.asarray(bias, jnp.float64)
-  m = jnp.asarray(dense_mask(batch, heads, q_len, kv_len, causal=causal, segment_ids=segment_ids, mask=mask))
+  m = jnp.asarray(dense_mask(batch, heads, q_len, kv_len, causal=causal, segment_ids=segment_ids, mask=mask,
+                            window=window))
   n = m.sum(-1, keepdims=True).astype(jnp.float64)  # visible keys per row
 
   if score == "softmax":

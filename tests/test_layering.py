@@ -20,7 +20,7 @@ PACKAGES = ("attnlab", "kernels_pallas")
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("attnlab.ops.scores", "attnlab.ops.masks", "attnlab.attention.special_tokens"),  # the contract
     ("attnlab.ops", "attnlab.layers"),  # the dense reference, linear-attention forms, nn building blocks
-    ("kernels_pallas",),  # Pallas kernels: import only the contract and the references
+    ("kernels_pallas", "attnlab.attention.blocked"),  # Pallas kernels and the pure-JAX blocked path (same tile math)
     ("attnlab.attention.dispatch",),  # attend(): the backend table
     ("attnlab.attention",),  # configs, projections, variants and their math
     ("attnlab.parallel",),  # mesh and logical-axis sharding rules, jax.distributed start-up

@@ -1,9 +1,17 @@
 """``attend``: one attention call, run by the first backend of a table that accepts it.
 
 A backend is a name, a function that says why it cannot run a call (``None`` when it can), the platforms on which
-``impl="auto"`` considers it, and the function that runs it. ``impl="<name>"`` asks for one backend (a ValueError
-naming the reason when it declines); ``impl="auto"`` walks the table in order and falls through to the next
-backend whenever one declines, ending at the dense path, which takes every call.
+``impl="auto"`` considers it (and, optionally, for which calls), and the function that runs it. ``impl="<name>"``
+asks for one backend (a ValueError naming the reason when it declines); ``impl="auto"`` walks the table in order
+and falls through to the next backend whenever one declines, ending at the dense path, which takes every call.
+
+The table, in ``impl="auto"``'s order:
+  * "pallas" (GPU/TPU): the flash kernel whenever :func:`kernels_pallas.flash.flash_unsupported` accepts the call
+    -- it applies the kernel's own block-size resolution, so decode steps, odd lengths and small head dims fall
+    through instead of raising;
+  * "blocked" (every platform; on CPU only from ``BLOCKED_CPU_MIN_LEN`` keys on, the measured crossover): the
+    pure-JAX flash path of :mod:`attnlab.attention.blocked`;
+  * "xla": the dense path (:func:`attnlab.ops.dense.dense_attention`), which takes every call.
 """
 
 from __future__ import annotations
@@ -13,24 +21,39 @@ from typing import Any, Callable
 
 import jax
 
+from attnlab.attention.blocked import blocked_attention, blocked_unsupported
 from attnlab.ops.dense import check_inputs, dense_attention
+from attnlab.ops.masks import check_window
 from attnlab.ops.scores import get_score
 from kernels_pallas.flash import flash_attention, flash_unsupported
+
+# impl="auto" on CPU: the blocked path from this many keys on (and q_len > 1), the dense path below. Measured with
+# benchmarks/blocked_cpu.py (fwd+bwd, causal, f32): see benchmarks/results/blocked_cpu.json.
+BLOCKED_CPU_MIN_LEN = 256
 
 
 @dataclasses.dataclass(frozen=True)
 class Backend:
   """One way to run :func:`attend`.
 
-  ``unsupported(q, k, v, *, score, causal, bias, mask, segment_ids, sink_logits, score_params)`` returns the
-  reason this backend cannot run the call, or None; ``run`` takes :func:`attend`'s arguments less ``impl``.
-  ``auto_platforms``: the ``jax.default_backend()`` values on which ``impl="auto"`` tries this backend.
+  ``unsupported(q, k, v, *, score, causal, window, bias, mask, segment_ids, sink_logits, score_params)`` returns
+  the reason this backend cannot run the call, or None; ``run`` takes :func:`attend`'s arguments less ``impl``.
+  ``auto_platforms``: the ``jax.default_backend()`` values on which ``impl="auto"`` tries this backend;
+  ``auto_when(platform, q, k, v, **call)``: optionally narrows that to the calls where it is the faster choice.
   """
 
   name: str
   run: Callable[..., jax.Array]
   unsupported: Callable[..., str | None]
   auto_platforms: tuple[str, ...]
+  auto_when: Callable[..., bool] | None = None
+
+  def auto_accepts(self, platform: str, q, k, v, **call) -> bool:
+    if platform not in self.auto_platforms:
+      return False
+    if self.auto_when is not None and not self.auto_when(platform, q, k, v, **call):
+      return False
+    return self.unsupported(q, k, v, **call) is None
 
 
 def _dense_unsupported(q, k, v, **_) -> None:
@@ -56,8 +79,21 @@ def register_backend(backend: Backend, *, before: str | None = None) -> None:
   _BACKENDS.update(items)
 
 
+def _blocked_run(q, k, v, *, bias, mask, **kwargs):
+  del bias, mask  # always None here: the blocked path declines calls that carry them
+  return blocked_attention(q, k, v, **kwargs)
+
+
+def _blocked_auto_when(platform: str, q, k, v, **_) -> bool:
+  """On CPU the dense path wins for short sequences and single-query decode steps (measured crossover)."""
+  del v
+  return platform != "cpu" or (q.shape[1] > 1 and k.shape[1] >= BLOCKED_CPU_MIN_LEN)
+
+
 register_backend(Backend("xla", dense_attention, _dense_unsupported, ("cpu", "gpu", "tpu")))
 register_backend(Backend("pallas", _flash_run, flash_unsupported, ("gpu", "tpu")), before="xla")
+register_backend(Backend("blocked", _blocked_run, blocked_unsupported, ("cpu", "gpu", "tpu"), _blocked_auto_when),
+                 before="xla")
 
 
 def implementations() -> tuple[str, ...]:
@@ -70,7 +106,7 @@ def select_backend(impl: str, q, k, v, **call) -> Backend:
   if impl == "auto":
     platform = jax.default_backend()
     for backend in _BACKENDS.values():
-      if platform in backend.auto_platforms and backend.unsupported(q, k, v, **call) is None:
+      if backend.auto_accepts(platform, q, k, v, **call):
         return backend
     raise ValueError("no attention backend accepts this call")
   if impl not in _BACKENDS:
@@ -83,7 +119,7 @@ def select_backend(impl: str, q, k, v, **call) -> Backend:
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, score: str = "softmax", causal: bool = True,
-           scale: float | None = None, bias: jax.Array | None = None, mask: jax.Array | None = None,
+           window: int | None = None, scale: float | None = None, bias: jax.Array | None = None, mask: jax.Array | None = None,
            segment_ids: Any = None, sink_logits: jax.Array | None = None, impl: str = "xla",
            **score_params) -> jax.Array:
   """Attention ``o_i = sum_j p_ij v_j`` with ``p = score(scale * q k^T + bias)`` over visible keys.
@@ -92,6 +128,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, score: str = "softmax", 
     q: (batch, q_len, num_heads, head_dim). k, v: (batch, kv_len, num_kv_heads, head_dim).
     score: registered score-function name ("softmax", "sigmoid", "softplus", "softpick", "relu", ...).
     causal: causal mask with queries aligned to the end of the keys when ``q_len < kv_len``.
+    window: sliding-window (local) attention: the query at absolute position ``p = i + kv_len - q_len`` sees only
+      keys ``p - window < j <= p`` (itself and the ``window - 1`` before it; Mistral, Gemma and gpt-oss local
+      layers, StreamingLLM's window baseline). It implies the causal upper bound and is ANDed with the causal,
+      segment and ``mask`` masks. Every backend gets it; one that cannot apply it declines.
     scale: logit scale; default ``1/sqrt(head_dim)`` (softplus defaults to ``log(head_dim)``).
     bias: additive logit bias broadcastable to (batch, num_heads, q_len, kv_len).
     mask: boolean mask broadcastable to (batch, num_heads, q_len, kv_len); True = may attend. ANDed with the
@@ -100,8 +140,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, score: str = "softmax", 
       only within their segment (packing).
     sink_logits: (num_heads,) per-head sink logit (softmax only): adds ``exp(sink_h)`` to the denominator.
     impl: a registered backend -- "xla" (dense, :func:`attnlab.ops.dense.dense_attention`), "pallas"
-      (the flash kernel of :mod:`kernels_pallas.flash`) -- or "auto": the first backend in the table that accepts
-      the call on this platform (the kernel on GPU/TPU, the dense path otherwise).
+      (the flash kernel of :mod:`kernels_pallas.flash`), "blocked" (flash-style in pure JAX,
+      :mod:`attnlab.attention.blocked`) -- or "auto": the first backend in the table that accepts the call on this
+      platform (GPU/TPU: the kernel, else blocked, else dense; CPU: blocked from ``BLOCKED_CPU_MIN_LEN`` keys on,
+      else dense).
     **score_params: parameters of the score function (e.g. ``b``/``normalize`` for sigmoid).
 
   Returns:
@@ -109,8 +151,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, score: str = "softmax", 
   """
   check_inputs(q, k, v)
   get_score(score).check_params(score_params)
-  call = dict(score=score, causal=causal, bias=bias, mask=mask, segment_ids=segment_ids, sink_logits=sink_logits,
-              score_params=score_params)
+  window = check_window(window)
+  call = dict(score=score, causal=causal, window=window, bias=bias, mask=mask, segment_ids=segment_ids,
+              sink_logits=sink_logits, score_params=score_params)
   backend = select_backend(impl, q, k, v, **call)
-  return backend.run(q, k, v, score=score, causal=causal, scale=scale, bias=bias, mask=mask,
+  return backend.run(q, k, v, score=score, causal=causal, window=window, scale=scale, bias=bias, mask=mask,
                      segment_ids=segment_ids, sink_logits=sink_logits, **score_params)

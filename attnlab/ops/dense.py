@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from attnlab.ops.masks import causal_mask, combine_masks, segment_mask
+from attnlab.ops.masks import check_window, combine_masks, position_mask, segment_mask
 from attnlab.ops.scores import ScoreContext, get_score
 
 
@@ -53,8 +53,8 @@ def split_segment_ids(segment_ids: Any, batch: int, q_len: int, kv_len: int):
   return q_seg, kv_seg
 
 
-def _per_head(x: jax.Array | None, name: str, batch: int, heads: int, kv_heads: int, q_len: int, kv_len: int):
-  """Broadcasts a (B|1, H|1, Q|1, K|1) array (or lower rank, numpy-style) and splits heads into (Hkv, G)."""
+def _broadcastable(x: jax.Array | None, name: str, batch: int, heads: int, q_len: int, kv_len: int):
+  """A (B|1, H|1, Q|1, K|1) array (or lower rank, numpy-style) as rank 4, checked; never broadcast in memory."""
   if x is None:
     return None
   if x.ndim > 4:
@@ -64,13 +64,29 @@ def _per_head(x: jax.Array | None, name: str, batch: int, heads: int, kv_heads: 
     if got not in (1, want):
       raise ValueError(f"{name} shape {tuple(x.shape)} does not broadcast to (batch, num_heads, q_len, kv_len) = "
                        f"{(batch, heads, q_len, kv_len)}: {axis} is {got}")
-  if x.shape[1] == 1:
-    return x[:, :, None]
-  return x.reshape(x.shape[0], kv_heads, heads // kv_heads, x.shape[2], x.shape[3])
+  return x
 
 
-def _weights_grouped(q, k, *, score, causal, scale, bias, mask, segment_ids, sink_logits, score_params):
-  """Weights in the grouped layout (batch, kv_heads, group, q_len, kv_len), float32."""
+def visibility(batch: int, heads: int, q_len: int, kv_len: int, *, causal: bool, window: int | None = None,
+               segment_ids: Any = None, mask: Any = None) -> jax.Array:
+  """The one boolean mask of a call, rank 4 and only as broad as its parts ((1, 1, 1, K) when nothing is masked,
+  (1, 1, Q, K) for causal/window, (B, 1, Q, K) with segments, ...): causal AND window AND segment AND ``mask``."""
+  window = check_window(window)
+  full = jnp.ones((1, 1, 1, kv_len), bool)  # keeps the key axis (visible-key counts sum over it)
+  pos = position_mask(q_len, kv_len, causal=causal, window=window)
+  q_seg, kv_seg = split_segment_ids(segment_ids, batch, q_len, kv_len)
+  user = None if mask is None else _broadcastable(jnp.asarray(mask, bool), "mask", batch, heads, q_len, kv_len)
+  return combine_masks(full, None if pos is None else pos[None, None],
+                       None if q_seg is None else segment_mask(q_seg, kv_seg)[:, None], user)
+
+
+def _weights(q, k, *, score, causal, window, scale, bias, mask, segment_ids, sink_logits, score_params):
+  """Weights (batch, num_heads, q_len, kv_len), float32.
+
+  GQA without copies: the G query heads of a kv head are stacked as G * q_len rows of one matrix (an O(n d)
+  transpose of q), so the logits are one batched matmul over (batch, kv_heads) whose result *is* the
+  (batch, heads, q_len, kv_len) layout (a free reshape); the scale multiplies q (O(n d)), not the n x n logits.
+  """
   check_inputs(q, k, k)
   fn = get_score(score)
   fn.check_params(score_params)
@@ -78,44 +94,44 @@ def _weights_grouped(q, k, *, score, causal, scale, bias, mask, segment_ids, sin
   kv_len, kv_heads = k.shape[1], k.shape[2]
   ctx = ScoreContext(q_len=q_len, kv_len=kv_len, head_dim=head_dim)
   q, k, scale = fn.prepare_inputs(q, k, scale, ctx, score_params)
-
-  qg = q.astype(jnp.float32).reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
-  s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k.astype(jnp.float32)) * scale
+  qg = (q.astype(jnp.float32) * scale).reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
+  qg = qg.transpose(0, 2, 3, 1, 4).reshape(batch, kv_heads, -1, head_dim)
+  s = jnp.einsum("bhmd,bkhd->bhmk", qg, k.astype(jnp.float32)).reshape(batch, heads, q_len, kv_len)
   if bias is not None:
-    s = s + _per_head(jnp.asarray(bias, jnp.float32), "bias", batch, heads, kv_heads, q_len, kv_len)
-
-  masks = [jnp.ones((1, 1, 1, q_len, kv_len), bool)]
-  if causal:
-    masks.append(causal_mask(q_len, kv_len)[None, None, None])
-  q_seg, kv_seg = split_segment_ids(segment_ids, batch, q_len, kv_len)
-  if q_seg is not None:
-    masks.append(segment_mask(q_seg, kv_seg)[:, None, None])
-  if mask is not None:
-    masks.append(_per_head(jnp.asarray(mask, bool), "mask", batch, heads, kv_heads, q_len, kv_len))
-  full_mask = combine_masks(*masks)
-
+    s = s + _broadcastable(jnp.asarray(bias, jnp.float32), "bias", batch, heads, q_len, kv_len)
+  visible = visibility(batch, heads, q_len, kv_len, causal=causal, window=window, segment_ids=segment_ids, mask=mask)
   sinks = fn.check_sink_logits(sink_logits, heads)
   if sinks is not None:
-    sinks = sinks.reshape(1, kv_heads, heads // kv_heads, 1, 1)
-  return fn.weights(s, full_mask, sink_logits=sinks, ctx=ctx, **score_params)
+    sinks = sinks.reshape(1, heads, 1, 1)
+  return fn.weights(s, visible, sink_logits=sinks, ctx=ctx, **score_params)
 
 
 def attention_weights(q: jax.Array, k: jax.Array, *, score: str = "softmax", causal: bool = True,
-                      scale: float | None = None, bias: jax.Array | None = None, mask: jax.Array | None = None,
-                      segment_ids: Any = None, sink_logits: jax.Array | None = None,
+                      window: int | None = None, scale: float | None = None, bias: jax.Array | None = None,
+                      mask: jax.Array | None = None, segment_ids: Any = None, sink_logits: jax.Array | None = None,
                       **score_params) -> jax.Array:
   """Dense attention weights ``p`` of shape (batch, num_heads, q_len, kv_len), float32 (for analysis)."""
-  w = _weights_grouped(q, k, score=score, causal=causal, scale=scale, bias=bias, mask=mask,
-                       segment_ids=segment_ids, sink_logits=sink_logits, score_params=score_params)
-  return w.reshape(w.shape[0], -1, w.shape[3], w.shape[4])
+  w = _weights(q, k, score=score, causal=causal, window=window, scale=scale, bias=bias, mask=mask,
+               segment_ids=segment_ids, sink_logits=sink_logits, score_params=score_params)
+  return jnp.broadcast_to(w, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
 
 
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, score: str = "softmax", causal: bool = True,
-                    scale: float | None = None, bias: jax.Array | None = None, mask: jax.Array | None = None,
-                    segment_ids: Any = None, sink_logits: jax.Array | None = None, **score_params) -> jax.Array:
-  """``o_i = sum_j p_ij v_j`` from the full (q_len, kv_len) weights; same arguments as :func:`attnlab.attend`."""
+                    window: int | None = None, scale: float | None = None, bias: jax.Array | None = None,
+                    mask: jax.Array | None = None, segment_ids: Any = None, sink_logits: jax.Array | None = None,
+                    **score_params) -> jax.Array:
+  """``o_i = sum_j p_ij v_j`` from the full (q_len, kv_len) weights; same arguments as :func:`attnlab.attend`.
+
+  The float32 reference the blocked path and the kernels are checked against, and the fastest path for short
+  sequences: one mask, applied once by the score function; (batch, heads, q, k) logits with no n x n transpose
+  in the forward or backward pass (see :func:`_weights`).
+  """
   check_inputs(q, k, v)
-  w = _weights_grouped(q, k, score=score, causal=causal, scale=scale, bias=bias, mask=mask,
-                       segment_ids=segment_ids, sink_logits=sink_logits, score_params=score_params)
-  out = jnp.einsum("bhgqk,bkhd->bqhgd", w, v.astype(jnp.float32))
-  return out.reshape(q.shape[:3] + (v.shape[-1],)).astype(q.dtype)
+  w = _weights(q, k, score=score, causal=causal, window=window, scale=scale, bias=bias, mask=mask,
+               segment_ids=segment_ids, sink_logits=sink_logits, score_params=score_params)
+  batch, q_len, heads, _ = q.shape
+  kv_len, kv_heads, dv = v.shape[1], v.shape[2], v.shape[3]
+  w = jnp.broadcast_to(w, (batch, heads, q_len, kv_len)).reshape(batch, kv_heads, -1, kv_len)
+  out = jnp.einsum("bhmk,bkhd->bhmd", w, v.astype(jnp.float32))
+  out = out.reshape(batch, kv_heads, heads // kv_heads, q_len, dv).transpose(0, 3, 1, 2, 4)
+  return out.reshape(batch, q_len, heads, dv).astype(q.dtype)

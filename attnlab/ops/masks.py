@@ -13,6 +13,30 @@ def causal_mask(q_len: int, kv_len: int) -> jax.Array:
   return jnp.arange(kv_len)[None, :] <= (jnp.arange(q_len)[:, None] + offset)
 
 
+def check_window(window) -> int | None:
+  """``window`` as a positive int (or None); ValueError otherwise."""
+  if window is None:
+    return None
+  if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+    raise ValueError(f"window must be a positive int (the number of keys a query sees, itself included) or None; "
+                     f"got {window!r}")
+  return window
+
+
+def position_mask(q_len: int, kv_len: int, *, causal: bool, window: int | None = None) -> jax.Array | None:
+  """(q_len, kv_len) causal AND sliding-window mask, end-aligned (query i sits at ``p = i + kv_len - q_len``), or
+  None when neither applies. A window W keeps keys ``p - W < j <= p`` (the query itself and the W - 1 before it:
+  Mistral / Gemma / gpt-oss local layers; StreamingLLM's window baseline); it implies the causal upper bound."""
+  if not causal and window is None:
+    return None
+  p = jnp.arange(q_len)[:, None] + (kv_len - q_len)
+  j = jnp.arange(kv_len)[None, :]
+  mask = j <= p
+  if window is not None:
+    mask = jnp.logical_and(mask, j > p - window)
+  return mask
+
+
 def segment_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array) -> jax.Array:
   """(batch, q_len, kv_len) mask: a query sees only keys of its own segment (packed sequences)."""
   return q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]

@@ -9,9 +9,10 @@ import jax
 import jax.numpy as jnp
 
 from attnlab.ops.dense import check_inputs, split_segment_ids
+from attnlab.ops.masks import check_window
 from attnlab.ops.scores import ScoreContext, get_score
 from kernels_pallas.flash import gpu, tpu
-from kernels_pallas.flash.common import FlashStatic
+from kernels_pallas.flash.common import FlashStatic, visible_counts
 from kernels_pallas.flash.config import BACKENDS, BlockSizes
 
 _KERNELS = {"gpu": gpu, "tpu": tpu}
@@ -28,24 +29,6 @@ def kernel_segment_ids(segment_ids: Any, batch: int, q_len: int, kv_len: int):
   if q_seg is None:
     return None, None
   return q_seg.astype(jnp.int32)[:, :, None], kv_seg.astype(jnp.int32)[:, None, :]
-
-
-def visible_counts(q_seg, kv_seg, *, batch: int, q_len: int, kv_len: int, causal: bool, block_kv: int):
-  """n_i, the number of keys visible to each query, (B, Q, 1) float32, in O(Q * block_kv) memory."""
-  offset = kv_len - q_len
-  q_pos = jnp.arange(q_len)[:, None] + offset
-  if q_seg is None:
-    n = jnp.clip(q_pos + 1, 0, kv_len) if causal else jnp.full((q_len, 1), kv_len)
-    return jnp.broadcast_to(n.astype(jnp.float32), (batch, q_len, 1))
-
-  def add_block(j, n):
-    k_seg = jax.lax.dynamic_slice_in_dim(kv_seg, j * block_kv, block_kv, axis=2)  # (B, 1, bk)
-    visible = q_seg == k_seg
-    if causal:
-      visible = jnp.logical_and(visible, (j * block_kv + jnp.arange(block_kv))[None, :] <= q_pos)
-    return n + jnp.sum(visible, axis=2, keepdims=True, dtype=jnp.float32)
-
-  return jax.lax.fori_loop(0, kv_len // block_kv, add_block, jnp.zeros((batch, q_len, 1), jnp.float32))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -77,9 +60,15 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def flash_unsupported(q, k, v, *, score: str, bias=None, mask=None, score_params: dict, backend: str | None = None,
-                      interpret: bool | None = None, block_sizes: BlockSizes | None = None, **_) -> str | None:
+                      interpret: bool | None = None, block_sizes: BlockSizes | None = None, window=None,
+                      **_) -> str | None:
   """Why :func:`flash_attention` cannot run this call (None if it can), with the block sizes it would resolve
-  for these shapes on ``backend`` (default: this platform's)."""
+  for these shapes on ``backend`` (default: this platform's) -- the same resolution the kernel applies, so a call
+  this accepts never raises in the kernel (decode steps q_len 1, kv_len 200, head_dim 8 on real GPUs: declined)."""
+  try:
+    check_window(window)
+  except ValueError as e:
+    return str(e)
   if bias is not None or mask is not None:
     return "a dense bias/mask (the kernel builds causal and segment masks itself)"
   fn = get_score(score)
@@ -98,8 +87,8 @@ def flash_unsupported(q, k, v, *, score: str, bias=None, mask=None, score_params
 
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, score: str = "softmax", causal: bool = True,
-                    scale: float | None = None, segment_ids: Any = None, sink_logits: jax.Array | None = None,
-                    block_sizes: BlockSizes | None = None, backend: str | None = None,
+                    scale: float | None = None, window: int | None = None, segment_ids: Any = None,
+                    sink_logits: jax.Array | None = None, block_sizes: BlockSizes | None = None, backend: str | None = None,
                     interpret: bool | None = None, return_residuals: bool = False, **score_params):
   """Flash attention with a pluggable score function; same semantics as :func:`attnlab.attend`.
 
@@ -107,6 +96,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, score: str = "s
     q: (batch, q_len, num_heads, head_dim); k, v: (batch, kv_len, num_kv_heads, head_dim) (GQA when fewer).
     score: a registered score function with flash hooks (softmax, sigmoid, softpick, relu, softplus w/o reweight).
     causal: causal mask, queries aligned to the end of the keys when q_len < kv_len.
+    window: sliding window W: the query at position p sees keys p - W < j <= p (tiles outside the band are
+      skipped: O(n W) work).
     scale: logit scale (default 1/sqrt(head_dim); softplus: log(head_dim) after l2-normalising q and k).
     segment_ids: (batch, seq) ids or a (q_ids, kv_ids) pair; attention stays within a segment.
     sink_logits: (num_heads,) per-head sink logits (softmax).
@@ -122,6 +113,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, score: str = "s
     o (batch, q_len, num_heads, head_dim) in q.dtype, and r if ``return_residuals``.
   """
   check_inputs(q, k, v)
+  window = check_window(window)
   if v.shape[-1] != q.shape[-1]:
     raise ValueError(f"the flash kernel needs v's head_dim == q's; got {v.shape[-1]} and {q.shape[-1]}")
   fn = get_score(score)
@@ -145,12 +137,11 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, score: str = "s
   if sinks is not None:
     sinks = sinks[:, None, None]
   q_seg, kv_seg = kernel_segment_ids(segment_ids, batch, q_len, kv_len)
-  count = None
-  if hooks.needs_count:
-    count = visible_counts(q_seg, kv_seg, batch=batch, q_len=q_len, kv_len=kv_len, causal=causal,
-                           block_kv=blocks.block_kv)
   st = FlashStatic(score=hooks, causal=bool(causal), scale=scale, blocks=blocks, q_len=q_len, kv_len=kv_len,
                    groups=heads // kv_heads, has_segments=q_seg is not None, has_sinks=sinks is not None,
-                   interpret=interpret)
+                   interpret=interpret, window=window)
+  count = None
+  if hooks.needs_count:
+    count = visible_counts(st, q_seg, kv_seg, batch=batch, q_len=q_len, kv_len=kv_len, block_kv=blocks.block_kv)
   o, r = _flash(st, backend, q, k, v, sinks, q_seg, kv_seg, count)
   return (o, r[..., 0]) if return_residuals else o

@@ -1,7 +1,8 @@
 """Triton-style (GPU) flash kernels: one program per (batch, head, query block), a loop over key blocks.
 
 Layout (batch, seq, heads, head_dim) as in ``jax.nn.dot_product_attention``. Forward: online row state in
-registers (FlashAttention-2, Dao 2023), causal loops stop at the diagonal. Backward: a dq kernel (loop over key
+registers (FlashAttention-2, Dao 2023), causal loops stop at the diagonal and sliding-window loops start at the
+band's lower edge. Backward: a dq kernel (loop over key
 blocks) and a dk/dv kernel (loop over query blocks, from the diagonal on), both recomputing the weights from the
 residual ``r``; dk/dv are produced per query head and summed over each GQA group outside the kernel.
 Runs with ``interpret=True`` on CPU; the same code lowers to Triton for NVIDIA GPUs.
@@ -53,8 +54,9 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, st: FlashStatic):
     mask = common.block_mask(st, q_start, k_start, bq, bk, q_seg, k_seg)
     return common.fwd_block(st, common.logits(st, q, k), mask, n, v, *carry)
 
+  lo = common.kv_block_start(st, q_start, bk, st.kv_len // bk)  # tiles outside the causal/window band: skipped
   hi = common.kv_block_range(st, q_start, bq, bk, st.kv_len // bk)
-  m, l, acc = jax.lax.fori_loop(0, hi, body, carry)
+  m, l, acc = jax.lax.fori_loop(lo, hi, body, carry)
   o, r = common.finalize(st, m, l, acc, n)
   o_ref[...] = o.astype(o_ref.dtype)
   r_ref[...] = r
@@ -112,8 +114,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, r_ref, delta_ref, *refs, st: FlashSt
     _, ds = common.bwd_block(st, common.logits(st, q, k), mask, r, n, common.dot(do, v, common.NT), delta)
     return dq + common.dot(ds.astype(k.dtype), k)
 
+  lo = common.kv_block_start(st, q_start, bk, st.kv_len // bk)
   hi = common.kv_block_range(st, q_start, bq, bk, st.kv_len // bk)
-  dq = jax.lax.fori_loop(0, hi, body, jnp.zeros(q.shape, jnp.float32))
+  dq = jax.lax.fori_loop(lo, hi, body, jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
 
 
@@ -139,8 +142,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, r_ref, delta_ref, *refs, st: FlashS
     return dk, dv
 
   lo = common.q_block_start(st, k_start, bq, st.q_len // bq)
+  hi = common.q_block_end(st, k_start, bq, bk, st.q_len // bq)
   zeros = jnp.zeros(k.shape, jnp.float32)
-  dk, dv = jax.lax.fori_loop(lo, st.q_len // bq, body, (zeros, zeros))
+  dk, dv = jax.lax.fori_loop(lo, hi, body, (zeros, zeros))
   dk_ref[...] = (dk * st.scale).astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 

@@ -7,22 +7,23 @@ Materialises (batch, heads, q_len, kv_len): for tests and small shapes only.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from attnlab.ops.dense import dense_attention, split_segment_ids
-from attnlab.ops.masks import causal_mask, segment_mask
+from attnlab.ops.dense import dense_attention, visibility
 from attnlab.ops.scores import ScoreContext, get_score
 from kernels_pallas.flash.common import MASK_VALUE
 
 
 def flash_reference(q, k, v, *, score: str = "softmax", causal: bool = True, scale: float | None = None,
-                    segment_ids: Any = None, sink_logits: jax.Array | None = None, return_residuals: bool = False,
+                    window: int | None = None, segment_ids: Any = None, sink_logits: jax.Array | None = None,
+                    return_residuals: bool = False,
                     **score_params):
   """Same contract as :func:`kernels_pallas.flash.flash_attention` (o, and r of shape (batch, heads, q_len))."""
-  o = dense_attention(q, k, v, score=score, causal=causal, scale=scale, segment_ids=segment_ids,
+  o = dense_attention(q, k, v, score=score, causal=causal, window=window, scale=scale, segment_ids=segment_ids,
                       sink_logits=sink_logits, **score_params)
   if not return_residuals:
     return o
@@ -34,12 +35,7 @@ def flash_reference(q, k, v, *, score: str = "softmax", causal: bool = True, sca
   q, k, scale = fn.prepare_inputs(q, k, scale, ctx, score_params)
   k = jnp.repeat(k, heads // k.shape[2], axis=2)
   s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
-  mask = jnp.ones((1, 1, q_len, kv_len), bool)
-  if causal:
-    mask = mask & causal_mask(q_len, kv_len)
-  q_seg, kv_seg = split_segment_ids(segment_ids, batch, q_len, kv_len)
-  if q_seg is not None:
-    mask = mask & segment_mask(q_seg, kv_seg)[:, None]
+  mask = visibility(batch, heads, q_len, kv_len, causal=causal, window=window, segment_ids=segment_ids)
   n = jnp.sum(mask, axis=-1, keepdims=True, dtype=jnp.float32)
   m = jnp.zeros(s.shape[:3] + (1,), jnp.float32)
   l = jnp.zeros_like(m)

@@ -3,8 +3,8 @@
 Same block math as the GPU kernel (:mod:`kernels_pallas.flash.common`); only the schedule differs. Layout inside the
 kernel is (batch, heads, seq, head_dim) so that tiles are (block, head_dim) in the last two dims (TPU tiling rule:
 multiples of (8, 128) or the full dimension); per-row vectors are (block, 1) columns, key-side vectors (1, block)
-rows. Causal tiles above the diagonal are skipped with ``pl.when`` and their DMA is avoided by clamping the key
-index map. Runs on CPU under ``interpret=pltpu.InterpretParams()`` (the TPU simulator) or plain ``interpret=True``.
+rows. Causal tiles above the diagonal and sliding-window tiles below the band are skipped with ``pl.when`` and
+their DMA is avoided by clamping the block index maps into the band. Runs on CPU under ``interpret=pltpu.InterpretParams()`` (the TPU simulator) or plain ``interpret=True``.
 """
 
 from __future__ import annotations
@@ -60,8 +60,32 @@ def _last_kv_block(st, q_block_index, bq, bk):
   return jnp.maximum(hi - 1, 0)
 
 
+def _kv_visible(st, i, j, bq, bk):
+  """Whether key block j can be visible to query block i (inside the causal/window band)."""
+  nk = st.kv_len // bk
+  lo, hi = common.kv_block_start(st, i * bq, bk, nk), common.kv_block_range(st, i * bq, bq, bk, nk)
+  return jnp.logical_and(j >= lo, j < hi)
+
+
+def _kv_block(st, i, j, bq, bk):
+  """The key block fetched at step j of query block i: j clamped into the band (no DMA for skipped tiles)."""
+  lo = common.kv_block_start(st, i * bq, bk, st.kv_len // bk)
+  return jnp.minimum(jnp.maximum(j, lo), _last_kv_block(st, i, bq, bk))
+
+
 def _first_q_block(st, k_block_index, bq, bk):
   return jnp.minimum(common.q_block_start(st, k_block_index * bk, bq, st.q_len // bq), st.q_len // bq - 1)
+
+
+def _q_visible(st, j, i, bq, bk):
+  nq = st.q_len // bq
+  lo, hi = common.q_block_start(st, j * bk, bq, nq), common.q_block_end(st, j * bk, bq, bk, nq)
+  return jnp.logical_and(i >= lo, i < hi)
+
+
+def _q_block(st, j, i, bq, bk):
+  hi = common.q_block_end(st, j * bk, bq, bk, st.q_len // bq)
+  return jnp.minimum(jnp.maximum(i, _first_q_block(st, j, bq, bk)), jnp.maximum(hi - 1, 0))
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, *refs, st: FlashStatic):
@@ -75,7 +99,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, st: FlashStatic):
     m, l, acc = common.init_state(st, None if sink_ref is None else sink_ref[...], n, bq, acc_sc.shape[-1])
     m_sc[...], l_sc[...], acc_sc[...] = m, l, acc
 
-  @pl.when(j < common.kv_block_range(st, i * bq, bq, bk, st.kv_len // bk))
+  @pl.when(_kv_visible(st, i, j, bq, bk))
   def _step():
     q_seg = None if q_seg_ref is None else q_seg_ref[...]
     k_seg = None if kv_seg_ref is None else kv_seg_ref[...]
@@ -96,9 +120,9 @@ def forward(st: FlashStatic, q, k, v, q_seg, kv_seg, count, sinks):
   batch, q_len, heads, head_dim = q.shape
   bq, bk, g = st.blocks.block_q, st.blocks.block_kv, st.groups
   qt, kt, vt = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
-  kv_index = lambda b, h, i, j: (b, common.kv_head(h, g), jnp.minimum(j, _last_kv_block(st, i, bq, bk)), 0)
+  kv_index = lambda b, h, i, j: (b, common.kv_head(h, g), _kv_block(st, i, j, bq, bk), 0)
   extra, extra_specs = _optional_inputs(st, q_seg, kv_seg, count, sinks, lambda b, h, i, j: i,
-                                        lambda b, h, i, j: jnp.minimum(j, _last_kv_block(st, i, bq, bk)), bq, bk)
+                                        lambda b, h, i, j: _kv_block(st, i, j, bq, bk), bq, bk)
   o, r = pl.pallas_call(
       functools.partial(_fwd_kernel, st=st),
       grid=(batch, heads, q_len // bq, st.kv_len // bk),
@@ -126,7 +150,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, r_ref, delta_ref, *refs, st: FlashSt
   def _init():
     dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
 
-  @pl.when(j < common.kv_block_range(st, i * bq, bq, bk, st.kv_len // bk))
+  @pl.when(_kv_visible(st, i, j, bq, bk))
   def _step():
     q_seg = None if q_seg_ref is None else q_seg_ref[...]
     k_seg = None if kv_seg_ref is None else kv_seg_ref[...]
@@ -152,7 +176,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, r_ref, delta_ref, *refs, st: FlashS
     dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
     dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
 
-  @pl.when(i >= common.q_block_start(st, j * bk, bq, st.q_len // bq))
+  @pl.when(_q_visible(st, j, i, bq, bk))
   def _step():
     q_seg = None if q_seg_ref is None else q_seg_ref[...]
     k_seg = None if kv_seg_ref is None else kv_seg_ref[...]
@@ -180,12 +204,12 @@ def backward(st: FlashStatic, q, k, v, q_seg, kv_seg, count, o, r, do, delta):
   params = pltpu.CompilerParams(dimension_semantics=SEMANTICS)
 
   # dq: grid (b, h, q block i, kv block j).
-  last_j = lambda i: _last_kv_block(st, i, bq, bk)
+  kv_block = lambda i, j: _kv_block(st, i, j, bq, bk)
   q_spec = pl.BlockSpec((None, None, bq, head_dim), lambda b, h, i, j: (b, h, i, 0))
-  kv_spec = pl.BlockSpec((None, None, bk, head_dim), lambda b, h, i, j: (b, common.kv_head(h, g), jnp.minimum(j, last_j(i)), 0))
+  kv_spec = pl.BlockSpec((None, None, bk, head_dim), lambda b, h, i, j: (b, common.kv_head(h, g), kv_block(i, j), 0))
   row_spec = pl.BlockSpec((None, None, bq, 1), lambda b, h, i, j: (b, h, i, 0))
   extra, extra_specs = _optional_inputs(st, q_seg, kv_seg, count, None, lambda b, h, i, j: i,
-                                        lambda b, h, i, j: jnp.minimum(j, last_j(i)), bq, bk)
+                                        lambda b, h, i, j: kv_block(i, j), bq, bk)
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, st=st),
       grid=(batch, heads, q_len // bq, kv_len // bk),
@@ -197,13 +221,13 @@ def backward(st: FlashStatic, q, k, v, q_seg, kv_seg, count, o, r, do, delta):
   )(qt, kt, vt, dot_, r, delta, *extra)
 
   # dk/dv: grid (b, h, kv block j, q block i); query blocks above the diagonal are skipped.
-  first_i = lambda j: _first_q_block(st, j, bq, bk)
-  q_spec = pl.BlockSpec((None, None, bq, head_dim), lambda b, h, j, i: (b, h, jnp.maximum(i, first_i(j)), 0))
+  q_block = lambda j, i: _q_block(st, j, i, bq, bk)
+  q_spec = pl.BlockSpec((None, None, bq, head_dim), lambda b, h, j, i: (b, h, q_block(j, i), 0))
   kv_spec = pl.BlockSpec((None, None, bk, head_dim), lambda b, h, j, i: (b, common.kv_head(h, g), j, 0))
-  row_spec = pl.BlockSpec((None, None, bq, 1), lambda b, h, j, i: (b, h, jnp.maximum(i, first_i(j)), 0))
+  row_spec = pl.BlockSpec((None, None, bq, 1), lambda b, h, j, i: (b, h, q_block(j, i), 0))
   dkv_spec = pl.BlockSpec((None, None, bk, head_dim), lambda b, h, j, i: (b, h, j, 0))
   extra, extra_specs = _optional_inputs(st, q_seg, kv_seg, count, None,
-                                        lambda b, h, j, i: jnp.maximum(i, first_i(j)), lambda b, h, j, i: j, bq, bk)
+                                        lambda b, h, j, i: q_block(j, i), lambda b, h, j, i: j, bq, bk)
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, st=st),
       grid=(batch, heads, kv_len // bk, q_len // bq),

@@ -2,7 +2,8 @@
 
     p_ij = relu(s_ij) / N_i,   N_i = |{j : j visible to i}|   (= i, 1-based, for causal self-attention)
 
-This is the sink-free "ReLU/n" attention of Guo et al. 2024, "Active-Dormant Attention Heads" (their
+This is the sink-free "ReLU/n" attention of Guo et al. 2024, "Active-Dormant Attention Heads: Mechanistically
+Demystifying Extreme-Token Phenomena in LLMs", arXiv 2410.13835 (their
 ``relu(s)/i``). There is no row-sum normalisation: rows need not sum to 1.
 """
 

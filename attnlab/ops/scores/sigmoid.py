@@ -6,6 +6,9 @@
 ``b`` defaults to ``-log(kv_len)`` (Apple's recommended ``b = -log n``, which makes each weight ~1/n at
 initialisation); ``b=0.0`` is Gu et al.'s "sigmoid w/o normalisation". Masked entries are zeroed after the
 nonlinearity (equivalently, a -inf logit before it), never by adding a large negative after it.
+
+Papers: Ramapuram et al., "Theory, Analysis, and Best Practices for Sigmoid Self-Attention" (arXiv 2409.04431);
+Gu et al., "When Attention Sink Emerges in Language Models: An Empirical View" (arXiv 2410.10781).
 """
 
 from __future__ import annotations

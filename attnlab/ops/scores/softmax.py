@@ -3,7 +3,9 @@
     p_ij = exp(s_ij) / (sum_{j visible} exp(s_ij) + exp(sink_h))
 
 ``sink_h`` is a per-head "attend to nothing" logit (gpt-oss; Miller's softmax-off-by-one is ``sink_h = 0``,
-StreamingLLM's "Zero Sink"). Without sinks this is Vaswani et al. (2017). The sink term is combined in log space
+StreamingLLM's "Zero Sink": Xiao et al., "Efficient Streaming Language Models with Attention Sinks", arXiv 2309.17453;
+gpt-oss: OpenAI, "gpt-oss-120b & gpt-oss-20b Model Card", arXiv 2508.10925). Without sinks this is Vaswani et al.,
+"Attention Is All You Need" (2017, arXiv 1706.03762). The sink term is combined in log space
 (``logsumexp([s, sink])``), which is the correct form (see torchtitan PR #2211 for a wrong ``sigmoid(lse - sink)``).
 """
 

@@ -1,4 +1,5 @@
-"""Softpick (Zuhri et al. 2025, "Softpick: No Attention Sink, No Massive Activations with Rectified Softmax").
+"""Softpick (Zuhri et al. 2025, "Softpick: No Attention Sink, No Massive Activations with Rectified Softmax",
+arXiv 2504.20966).
 
     p_ij = relu(exp(s_ij) - 1) / (sum_{j visible} |exp(s_ij) - 1| + eps)
 

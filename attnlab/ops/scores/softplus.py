@@ -1,4 +1,5 @@
-"""Softplus attention with optional re-weighting (LSSA / LSSAR; Gao & Spratling 2025, arXiv 2501.13428).
+"""Softplus attention with optional re-weighting (LSSA / LSSAR; Gao & Spratling 2025, "Softplus Attention with
+Re-weighting Boosts Length Extrapolation in Large Language Models", arXiv 2501.13428).
 
     q_i <- q_i / ||q_i||,  k_j <- k_j / ||k_j||
     S_ij = log(N_i) * (scale * q_i.k_j + bias_ij),   scale defaults to log(d)     (so S = log d log N_i q.k)
@@ -6,8 +7,8 @@
     re-weighting (reweight_power = p):  A_ij <- relu(A_ij * N_i - O_i)^p,  A_i <- A_i / (||A_i||_1 + eps) (LSSAR)
 
 ``N_i`` is the number of keys visible to query i (``i``, 1-based, in causal self-attention) and ``O_i = 0`` for
-rows with ``N_i <= 3``, else 1. The paper recommends p = 15 (p = 3 at 1K context). The formulas follow the
-paper; the official code could not be checked, so treat details as a reconstruction.
+rows with ``N_i <= 3``, else 1. The paper recommends p = 15 (p = 3 at 1K context). The formulas follow the paper's
+equations; the official code could not be checked, so treat details as a reconstruction.
 """
 
 from __future__ import annotations
