@@ -94,11 +94,11 @@ def parse_policy(spec: str | CachePolicy) -> CachePolicy:
   return FULL
 
 
-def check_full_only(policy: CachePolicy, layer: str) -> None:
-  """ValueError unless ``policy`` is "full" (layers that keep their own compressed state)."""
+def check_full_only(policy: CachePolicy, layer: str, reason: str) -> None:
+  """ValueError unless ``policy`` is "full" (layers that keep their own state, or need every past token)."""
   if not policy.is_full:
-    raise ValueError(f"cache_policy={policy.name!r} cannot serve a {layer} layer: it keeps its own "
-                     f"{'compressed' if layer != 'lightning' else 'recurrent'} state; use cache_policy='full'")
+    raise ValueError(f"cache_policy={policy.name!r} cannot serve a {layer} layer ({reason}); use "
+                     f"cache_policy='full'")
 
 
 def check_prompt(n: int, max_len: int) -> None:
