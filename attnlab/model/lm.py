@@ -122,7 +122,9 @@ class DecoderLM(nnx.Module):
 
   def init_cache(self, batch: int, max_len: int, *, policy: str | CachePolicy = FULL) -> LMCache:
     """An empty cache for ``batch`` streams of at most ``max_len`` positions under ``policy`` ("full",
-    "window:W", "sink:S+W" or a :class:`CachePolicy`); ValueError if a layer cannot serve the policy."""
+    "window:W", "sink:S+W" or a :class:`CachePolicy`); ValueError if a layer cannot serve the policy. With
+    RoPE/NoPE ``max_len`` may exceed ``max_seq_len`` (length extrapolation: streaming, landmark retrieval); with
+    learned position embeddings it may not."""
     policy = parse_policy(policy)
     if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
       raise ValueError(f"max_len must be a positive int; got {max_len!r}")
@@ -130,8 +132,9 @@ class DecoderLM(nnx.Module):
       if policy.n_sink and policy.pos_shift:
         raise ValueError(f"cache_policy={policy.name!r} re-positions cached tokens, which this model cannot: it "
                          f"adds learned absolute position embeddings (position_embedding='learned') to its inputs")
-    if (policy.is_full or self.pos_embed is not None) and max_len > self.cfg.max_seq_len:
-      raise ValueError(f"max_len={max_len} exceeds the model's max_seq_len={self.cfg.max_seq_len}")
+    if self.pos_embed is not None and max_len > self.cfg.max_seq_len:
+      raise ValueError(f"max_len={max_len} exceeds max_seq_len={self.cfg.max_seq_len}, the rows of this model's "
+                       f"learned position embeddings")
     layers = []
     for i, block in enumerate(self.blocks):
       if not hasattr(block.attn, "init_cache"):
