@@ -1,7 +1,7 @@
 """Meta-attention over learned meta tokens (Shah, Gupta, Ramji, Chaudhari 2025, "Language Modeling with Learned
 Meta-Tokens", arXiv 2509.16278).
 
-RECONSTRUCTION: the paper has no public code and its body was not available (shared/research/variants.md §2).
+RECONSTRUCTION: the paper has no public code and its body was not available.
 Verified: meta tokens are injected during pre-training and a dedicated meta-attention runs in addition to causal
 multi-head attention; a paper-notes summary says it "flows exclusively between meta-tokens". Implemented here:
 

@@ -15,7 +15,7 @@ before key ``j`` and query ``i`` sitting at key index ``ι(i)`` in block ``c = b
 The landmark of the query's own block is never a candidate (not even for the landmark's own query). With no
 landmark before the query this is causal softmax attention over its block. This equals the reference
 ``landmark_grouped_softmax`` (epfml/landmark-attention, lm_benchmark/models/landmark.py) for block-aligned and
-random-offset landmark layouts (see shared/research/variants.md §1).
+random-offset landmark layouts.
 
 Vectorised with O(q·K) work and memory, like dense attention: one logsumexp over the outer candidates, an
 in-block logsumexp per block computed with segment max/sum over the key axis (segments = blocks, so blocks may
