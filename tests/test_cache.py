@@ -28,6 +28,7 @@ VARIANTS = {
                                                         value_bias=True, gate="headwise"),
     "relu_nope": attnlab.AttentionConfig(num_heads=4, score="relu", rope=False),
     "window_sinklogit": attnlab.AttentionConfig(num_heads=4, window=5, sink_logit=True),
+    "window_sinktoken_gqa": attnlab.AttentionConfig(num_heads=4, num_kv_heads=2, window=4, sink_token=True),
     "cca": CCAConfig(num_heads=4, num_kv_heads=2, group_size=2, window_size=4, block_q=8),
     "lightning": LightningConfig(num_heads=4, block_size=4, lrpe=True),
     "meta_tokens": MetaTokenConfig(num_heads=4, meta_ids=(LM_ID,), meta_capacity=3),

@@ -63,12 +63,14 @@ class DotProductAttention(HeadsOutput, nnx.Module):
     b, t, _ = x.shape
     q, k, v = self.qkv(x, positions)
     sinks = self.sinks()
-    if cfg.has_sink_slot or cfg.window is not None:
+    if cfg.has_sink_slot:  # the slot is key 0 and visible to every query, inside a window or not
       mask = self_attention_mask(t, segment_ids, causal=cfg.causal)
-      if cfg.window is not None:  # TODO(attend window=): pass window=cfg.window to attend instead of this mask
+      if cfg.window is not None:
         mask = mask & window_mask(positions[:, None], positions[:, None], cfg.window)
-      if cfg.has_sink_slot:
-        k, v, mask = self.with_sink_slot(k, v, mask)
+      k, v, mask = self.with_sink_slot(k, v, mask)
+      kw = dict(causal=False, mask=mask)
+    elif cfg.window is not None:  # once attend takes window=: dict(causal=True, segment_ids=..., window=cfg.window)
+      mask = self_attention_mask(t, segment_ids) & window_mask(positions[:, None], positions[:, None], cfg.window)
       kw = dict(causal=False, mask=mask)
     else:
       kw = dict(causal=cfg.causal, segment_ids=segment_ids)
