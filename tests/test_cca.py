@@ -207,11 +207,12 @@ def test_module_prefill_and_decode_match_forward():
   x = jax.random.normal(jax.random.key(2), (2, n, 32))
   pos = jnp.broadcast_to(jnp.arange(n), (2, n))
   full, _ = nnx.jit(lambda m: m(x, positions=pos))(layer)
-  y, cache = nnx.jit(lambda m: m.prefill(x[:, :prefix], positions=pos[:, :prefix], max_len=n))(layer)
+  y, cache = nnx.jit(lambda m: m.prefill(x[:, :prefix], positions=pos[:, :prefix],
+                                          cache=m.init_cache(2, n)))(layer)
   np.testing.assert_allclose(y, full[:, :prefix], atol=1e-5)
-  step = nnx.jit(lambda m, x, p, c: m.decode_step(x, positions=p, cache=c))
+  step = nnx.jit(lambda m, x, p, c: m.step(x, position=p, cache=c))
   for t in range(prefix, n):
-    y, cache = step(layer, x[:, t:t + 1], pos[:, t:t + 1], cache)
+    y, cache = step(layer, x[:, t:t + 1], t, cache)
     np.testing.assert_allclose(y[:, 0], full[:, t], atol=1e-5, err_msg=f"position {t}")
   with pytest.raises(ValueError, match="segment_ids"):
     layer(x, positions=pos, segment_ids=jnp.zeros((2, n), jnp.int32))

@@ -170,3 +170,14 @@ def test_generate_matches_full_forward_greedy():
     logits = model(jnp.asarray(stream)[None])[0][~is_lm]
     seq.append(int(jnp.argmax(logits[-1].at[39].set(-jnp.inf))))
   np.testing.assert_array_equal(got[0], seq[9:])
+
+
+def test_runner_adds_learned_position_embeddings():
+  """The runner decodes through DecoderLM.prefill, so a model with learned absolute positions scores as its forward."""
+  att = LandmarkConfig(num_heads=4, block_size=5, landmark_id=39, top_k=8, cache_blocks=8)
+  model = DecoderLM(ModelConfig(vocab_size=40, d_model=32, num_layers=1, attention=att, max_seq_len=64,
+                                position_embedding="learned"), rngs=nnx.Rngs(0))
+  toks = np.random.default_rng(7).integers(0, 39, (1, 20))
+  stream, is_lm = insert_landmarks(toks, 39, 5)
+  full = np.asarray(_full(model, jnp.asarray(stream)))[:, ~is_lm]
+  np.testing.assert_allclose(LandmarkRunner(model, chunk_len=7).score(toks), full, atol=2e-5)

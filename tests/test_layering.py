@@ -26,6 +26,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("attnlab.parallel",),  # mesh and logical-axis sharding rules, jax.distributed start-up
     ("attnlab.model", "attnlab.data"),
     ("attnlab.pretrained",),  # Hugging Face checkpoints -> ModelConfig + DecoderLM parameters
+    ("attnlab.inference",),  # generation and cache sharding over the models' cache protocol
     ("attnlab.state",),  # building and restoring a train state, checkpoints, the model-on-a-batch function
     ("attnlab.eval", "attnlab.analysis", "attnlab.streaming"),
     ("attnlab.train",),

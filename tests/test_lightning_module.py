@@ -70,11 +70,11 @@ def test_prefill_then_step_equals_parallel_forward():
   x, pos = _x()
   full, _ = m(x, positions=pos)
   p = 11
-  y_pre, state = m.prefill(x[:, :p], positions=pos[:, :p])
-  assert state.shape == m.init_state(2).shape
+  y_pre, state = m.prefill(x[:, :p], positions=pos[:, :p], cache=m.init_cache(2, T))
+  assert state.state.shape == m.init_cache(2, T).state.shape
   outs = [y_pre]
   for t in range(p, T):
-    y_t, state = m.step(x[:, t:t + 1], positions=pos[:, t:t + 1], state=state)
+    y_t, state = m.step(x[:, t:t + 1], position=t, cache=state)
     outs.append(y_t)
   np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, rtol=1e-4, atol=1e-5)
 

@@ -10,6 +10,7 @@ the mixins it supports, so a field it does not have is a gin/constructor error, 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -18,6 +19,9 @@ from attnlab.ops.scores import get_score
 from attnlab.layers import check_rope_scaling
 
 GATES = (None, "elementwise", "headwise")
+# Sequence length n of sigmoid's default bias b = -log n when neither ``b`` nor ``ScoreFields.bias_len`` is set
+# (the default ModelConfig.max_seq_len; the LM fills ``bias_len`` from its own max_seq_len).
+DEFAULT_BIAS_LEN = 4096
 
 
 def _positive_int(owner: str, name: str, value, *, allow_none: bool = False) -> None:
@@ -141,10 +145,19 @@ class RopeVariants(BaseAttentionConfig):
 
 @dataclasses.dataclass(frozen=True)
 class ScoreFields(BaseAttentionConfig):
-  """A score function by name (:mod:`attnlab.ops.scores`) and its parameters."""
+  """A score function by name (:mod:`attnlab.ops.scores`) and its parameters.
+
+  Sigmoid attention (Ramapuram et al. 2024, "Theory, Analysis, and Best Practices for Sigmoid Self-Attention",
+  arXiv 2409.04431) uses ``p_ij = sigma(s_ij + b)`` with ``b = -log n``. Here ``n`` is FIXED by the config,
+  never the number of keys of a call: ``b = -log(bias_len)``, where :meth:`attnlab.ModelConfig.layer_attention`
+  sets ``bias_len = max_seq_len`` and a layer built alone uses ``DEFAULT_BIAS_LEN`` (4096). So the full forward,
+  a prefix of it and every cached decode step use the same ``b`` (as in the authors' code). An explicit
+  ``score_params={"b": ...}`` wins.
+  """
 
   score: str = "softmax"
   score_params: Any = ()  # mapping or (name, value) pairs, e.g. {"b": 0.0, "normalize": True}
+  bias_len: int | None = None  # n of sigmoid's default b = -log n; None -> the LM's max_seq_len (or 4096)
 
   def __post_init__(self):
     params = self.score_params
@@ -155,6 +168,7 @@ class ScoreFields(BaseAttentionConfig):
                        f"{self.score_params!r}")
     object.__setattr__(self, "score_params", tuple(tuple(p) for p in params))
     super().__post_init__()
+    _positive_int(type(self).__name__, "bias_len", self.bias_len, allow_none=True)
     try:
       get_score(self.score).check_params(self.score_kwargs)
     except (TypeError, ValueError) as e:
@@ -162,7 +176,15 @@ class ScoreFields(BaseAttentionConfig):
 
   @property
   def score_kwargs(self) -> dict[str, Any]:
-    return dict(self.score_params)
+    """The score parameters of every call of this layer (forward and decode), with sigmoid's ``b`` resolved."""
+    params = dict(self.score_params)
+    if self.score == "sigmoid" and params.get("b") is None:
+      params["b"] = -math.log(self.bias_len or DEFAULT_BIAS_LEN)
+    return params
+
+  def with_max_seq_len(self, max_seq_len: int) -> ScoreFields:
+    """This config with ``bias_len = max_seq_len`` unless set (called by :class:`attnlab.ModelConfig`)."""
+    return self if self.bias_len is not None else dataclasses.replace(self, bias_len=max_seq_len)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,12 +224,21 @@ class AttentionConfig(SinkLogit, OutputGateField, QKNorm, RopeVariants, QKVBias,
   the keys: StreamingLLM's placeholder sink, Xiao et al. 2024, arXiv 2309.17453), ``key_bias`` (a learned key
   slot with value 0) and ``value_bias`` (a learned value slot) from Gu et al. 2025, "When Attention Sink Emerges
   in Language Models", arXiv 2410.10781; ``gate`` (see :class:`OutputGateField`).
+  ``window``: sliding-window (local) attention, query i sees keys ``i - W < j <= i`` (Mistral 7B, arXiv
+  2310.06825; with ``sink_logit`` it is gpt-oss's banded layer); the sink slots stay visible to every query.
   """
 
   causal: bool = True
   sink_token: bool = False
   key_bias: bool = False
   value_bias: bool = False
+  window: int | None = None  # sliding window: query i sees keys i-W+1 .. i (None: all earlier keys)
+
+  def __post_init__(self):
+    super().__post_init__()
+    _positive_int(type(self).__name__, "window", self.window, allow_none=True)
+    if self.window is not None and not self.causal:
+      raise ValueError(f"AttentionConfig.window={self.window} needs causal=True")
 
   def implementations(self) -> tuple[str, ...]:
     return implementations()

@@ -63,15 +63,21 @@ class QKVProjection(nnx.Module):
     v = apply_2d(self.v, x).reshape(b, t, self.kv_heads, self.head_dim)
     return q, k, v
 
+  def normalize(self, q: jax.Array, k: jax.Array):
+    """QK-norm of (q, k) when the projection has it."""
+    return (q, k) if self.q_norm is None else (self.q_norm(q), self.k_norm(k))
+
+  def rotate(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    """RoPE of queries or keys ``x`` (batch, seq, heads, head_dim) at ``positions`` with this projection's base,
+    rotated fraction and frequency scaling (identity without RoPE)."""
+    if self.rope_base is None:
+      return x
+    return apply_rope(x, positions, self.rope_base, fraction=self.rope_fraction, scaling=self.rope_scaling)
+
   def __call__(self, x: jax.Array, positions: jax.Array | None):
     q, k, v = self.project(x)
-    if self.q_norm is not None:
-      q, k = self.q_norm(q), self.k_norm(k)
-    if self.rope_base is not None:
-      rope = dict(fraction=self.rope_fraction, scaling=self.rope_scaling)
-      q = apply_rope(q, positions, self.rope_base, **rope)
-      k = apply_rope(k, positions, self.rope_base, **rope)
-    return q, k, v
+    q, k = self.normalize(q, k)
+    return self.rotate(q, positions), self.rotate(k, positions), v
 
 
 class OutputGate(nnx.Module):

@@ -10,6 +10,8 @@ may hold ``"aux_loss"`` (a scalar added to the LM loss) and, when ``return_inter
 (``"weights"`` (batch, heads, q, k), ``"sink_mass"`` (batch, heads, q), ``"queries"``, ``"keys"``, ``"values"``).
 A module whose class sets ``needs_tokens = True`` (landmark, meta tokens) is also called with ``tokens=`` the
 (batch, seq) input ids by :class:`attnlab.model.lm.Block`.
+Decoding modules also implement the cache protocol of :mod:`attnlab.attention.cache` (``init_cache``,
+``prefill``, ``step``); :meth:`attnlab.model.lm.DecoderLM.init_cache` names the layer that lacks it.
 Adding a variant = one new file (a config subclassing :class:`BaseAttentionConfig` plus the field mixins it
 supports, and a module decorated with ``register_attention``) + one import line in
 :mod:`attnlab.attention.variants`; from outside the package, the user's module calls ``register_attention``.

@@ -5,6 +5,8 @@ Mohtashami & Jaggi 2023: the context is fed in chunks; every layer attends over
 and caches complete blocks. The runner inserts a landmark after every ``block_size - 1`` real tokens itself and
 drops the landmark positions from its outputs, so callers (passkey / length-extrapolation evals) pass plain
 token ids. Every layer of the model must be :class:`LandmarkAttention` with the same block size and landmark id.
+Each chunk runs through the model's own decode path (``DecoderLM.prefill`` from the current cache, the protocol of
+:mod:`attnlab.attention.cache`), so learned position embeddings and every other part of the forward apply.
 The reference caps the chunk at ``train_len - train_len % B - (top_k + 1)·B`` (:func:`max_chunk_len`) so that
 relative distances stay within the training length.
 """
@@ -30,18 +32,13 @@ def max_chunk_len(train_len: int, block_size: int, top_k: int) -> int:
   return n
 
 
-def _forward_chunk(graphdef, state, caches, start, tokens, *, top_k, selection):
+STREAM_MAX_LEN = 2 ** 30  # retrieval caches have a fixed size; positions are only bounded by RoPE's range
+
+
+def _forward_chunk(graphdef, state, cache, start, tokens):
   model = nnx.merge(graphdef, state)
-  h = model.embed(tokens)
-  new = []
-  for block, cache in zip(model.blocks, caches):
-    a, cache = block.attn.retrieval_step(block.attn_norm(h), cache, start, top_k=top_k, selection=selection)
-    h = h + a
-    h = h + block.mlp(block.mlp_norm(h))
-    new.append(cache)
-  h = model.final_norm(h)
-  logits = model.embed.attend(h) if model.head is None else model.head(h)
-  return logits.astype(jnp.float32), tuple(new)
+  positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1]), tokens.shape)
+  return model.prefill(tokens, positions=positions, cache=cache)
 
 
 class LandmarkRunner:
@@ -70,14 +67,20 @@ class LandmarkRunner:
     self.top_k = top_k or cfg.top_k
     if self.top_k > self.cache_blocks:
       raise ValueError(f"top_k ({self.top_k}) exceeds cache_blocks ({self.cache_blocks})")
-    self._attns = attns
+    if model.pos_embed is not None and chunk_len > model.cfg.max_seq_len:
+      raise ValueError(f"chunk_len={chunk_len} exceeds max_seq_len={model.cfg.max_seq_len} of learned positions")
+    self.selection = selection or cfg.selection
+    self._model = model
+    self._max_len = model.cfg.max_seq_len if model.pos_embed is not None else STREAM_MAX_LEN
     graphdef, self._state = nnx.split(model)
-    self._step = jax.jit(functools.partial(_forward_chunk, graphdef, top_k=self.top_k,
-                                           selection=selection or cfg.selection))
+    self._step = jax.jit(functools.partial(_forward_chunk, graphdef))
 
   def init(self, batch: int):
-    """Empty per-layer caches and stream position 0."""
-    return tuple(a.init_cache(batch, self.cache_blocks) for a in self._attns), 0
+    """An empty model cache (the layers' retrieval caches) and stream position 0."""
+    cache = self._model.init_cache(batch, self._max_len)
+    layers = tuple(b.attn.init_cache(batch, self._max_len, top_k=self.top_k, cache_blocks=self.cache_blocks,
+                                     selection=self.selection) for b in self._model.blocks)
+    return cache.replace(layers=layers), 0
 
   def feed(self, state, tokens):
     """Feeds stream tokens (landmarks included, at positions ``p % B == B - 1``); returns (logits, state)."""
@@ -86,6 +89,9 @@ class LandmarkRunner:
     is_lm = (start + np.arange(tokens.shape[1])) % self.block_size == self.block_size - 1
     if not np.array_equal(np.asarray(tokens == self.landmark_id), np.broadcast_to(is_lm, tokens.shape)):
       raise ValueError("landmark tokens must sit exactly at stream positions p % block_size == block_size - 1")
+    if start + tokens.shape[1] > self._max_len:
+      raise ValueError(f"the stream reaches position {start + tokens.shape[1]} > max_seq_len={self._max_len} of the "
+                       f"model's learned position embeddings")
     logits, caches = self._step(self._state, caches, jnp.int32(start), tokens)
     return logits, (caches, start + tokens.shape[1])
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from attnlab.attention.config import AttentionConfig, BaseAttentionConfig
+from attnlab.attention.config import AttentionConfig, BaseAttentionConfig, ScoreFields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +48,11 @@ class ModelConfig:
     return self.attention if isinstance(self.attention, tuple) else (self.attention,)
 
   def layer_attention(self, layer: int) -> BaseAttentionConfig:
+    """The config of layer ``layer``: the pattern entry, with its depth (``for_layer``) and, for score-function
+    layers, sigmoid's default bias length ``bias_len = max_seq_len`` (a fixed ``b = -log max_seq_len``)."""
     pattern = self.attention_pattern
-    return pattern[layer % len(pattern)].for_layer(layer, self.num_layers)
+    cfg = pattern[layer % len(pattern)].for_layer(layer, self.num_layers)
+    return cfg.with_max_seq_len(self.max_seq_len) if isinstance(cfg, ScoreFields) else cfg
 
   @property
   def resolved_mlp_dim(self) -> int:

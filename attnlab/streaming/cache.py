@@ -7,7 +7,10 @@ BEFORE RoPE and, with ``pos_shift`` (the reference behaviour), rotated at every 
 cache ``0..n-1`` while the query takes position ``n-1``; without it, each key keeps its original position.
 ``n_sink = 0`` is plain window attention (the paper's "window attention" baseline, which collapses).
 
-The cache is a fixed-shape pytree so a whole stream runs under one ``jax.lax.scan``.
+:class:`StreamingPolicy` is the :class:`attnlab.attention.cache.CachePolicy` with StreamingLLM's defaults; the
+model's decode path (:meth:`attnlab.DecoderLM.step`) serves it with a ring cache. :class:`KVCache` and
+:func:`insert` below are the literal evict-and-shift buffer of the reference code, kept as a readable
+specification of the eviction order (the ring cache keeps the same tokens).
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from attnlab.attention.cache import CachePolicy
+
 
 @dataclasses.dataclass(frozen=True)
-class StreamingPolicy:
+class StreamingPolicy(CachePolicy):
   """``n_sink`` initial tokens + ``window`` most recent tokens (the current one included)."""
 
   n_sink: int = 4
@@ -28,14 +33,9 @@ class StreamingPolicy:
   pos_shift: bool = True  # positions inside the cache (StreamingLLM); False: original positions
 
   def __post_init__(self):
-    if self.n_sink < 0:
-      raise ValueError(f"n_sink must be >= 0; got {self.n_sink}")
-    if self.window < 1:
-      raise ValueError(f"window must be >= 1 (it holds the current token); got {self.window}")
-
-  @property
-  def capacity(self) -> int:
-    return self.n_sink + self.window
+    if self.window is None:
+      raise ValueError("a StreamingPolicy needs a window")
+    super().__post_init__()
 
   @property
   def name(self) -> str:

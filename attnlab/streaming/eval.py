@@ -1,10 +1,12 @@
 """Streaming evaluation of a trained :class:`attnlab.DecoderLM` under a StreamingLLM cache policy.
 
-Tokens are fed one at a time; every layer keeps a :class:`KVCache` of un-rotated keys, re-rotated at each step
-(see :mod:`attnlab.streaming.cache`). The perplexity of a long stream is compared across full attention (one
-ordinary forward, where the sequence fits the model), window-only and sink + window caches (Xiao et al. 2024,
-Table 1-3). Supports softmax ``dot_product`` layers with any sink control (sink logit, sink token, key/value bias,
-output gate); other score functions depend on the key count, which a cache changes.
+Tokens are fed one at a time through the model's own decode path (``DecoderLM.init_cache`` / ``step``, the cache
+protocol of :mod:`attnlab.attention.cache`) under a :class:`StreamingPolicy`: a sink + window ring cache whose
+keys are re-rotated at each step (``pos_shift``) or keep their positions. The perplexity of a long stream is
+compared across full attention (one ordinary forward, where the sequence fits the model), window-only and
+sink + window caches (Xiao et al. 2024, "Efficient Streaming Language Models with Attention Sinks", arXiv
+2309.17453, Table 1-3). Supports softmax layers with any sink control (sink logit, sink token, key/value bias,
+output gate); other score functions are refused: the study compares softmax caches.
 """
 
 from __future__ import annotations
@@ -19,10 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from attnlab.attention.dispatch import attend
-from attnlab.attention.variants.dot_product import DotProductAttention
-from attnlab.layers import apply_rope
-from attnlab.streaming.cache import KVCache, StreamingPolicy, insert, rope_positions
+from attnlab.streaming.cache import StreamingPolicy
 
 
 def _check_model(model) -> None:
@@ -30,61 +29,26 @@ def _check_model(model) -> None:
     raise ValueError("streaming needs positions inside attention (RoPE/NoPE); this model adds learned absolute "
                      "position embeddings to its inputs, which a cache cannot re-position")
   for i, block in enumerate(model.blocks):
-    if type(block.attn) is not DotProductAttention:
-      raise ValueError(f"streaming needs dot_product attention; layer {i} is {type(block.attn).__name__}")
-    if block.attn.cfg.score != "softmax":
+    score = getattr(block.attn.cfg, "score", None)
+    if score is not None and score != "softmax":
       raise ValueError(f"streaming supports the softmax score (with any sink control); layer {i} uses "
-                       f"{block.attn.cfg.score!r}, whose weights depend on the number of keys a cache changes")
-    if not block.attn.cfg.causal:
-      raise ValueError(f"streaming needs causal attention; layer {i} is not causal")
-
-
-def _attention_step(attn: DotProductAttention, x: jax.Array, cache: KVCache, position: jax.Array,
-                    policy: StreamingPolicy) -> tuple[jax.Array, KVCache]:
-  """One token (x: (batch, 1, d_model)) through one attention layer with the cache; returns (y, new cache)."""
-  cfg, proj = attn.cfg, attn.qkv
-  b = x.shape[0]
-  q, k, v = proj.project(x)
-  if proj.q_norm is not None:
-    q, k = proj.q_norm(q), proj.k_norm(k)
-  cache = insert(cache, k, v, position, policy)
-  keys, values = cache.keys, cache.values
-  if cfg.rope:
-    key_pos, query_pos = rope_positions(cache, policy)
-    rope = dict(fraction=proj.rope_fraction, scaling=proj.rope_scaling)
-    q = apply_rope(q, jnp.broadcast_to(query_pos, (b, 1)), cfg.rope_base, **rope)
-    keys = apply_rope(keys, jnp.broadcast_to(key_pos, (b, keys.shape[1])), cfg.rope_base, **rope)
-  mask = cache.valid[None, None, None, :]
-  if cfg.has_sink_slot:
-    keys, values, mask = attn.with_sink_slot(keys, values, jnp.broadcast_to(mask, (b, 1, 1, mask.shape[-1])))
-  o = attend(q, keys, values, score=cfg.score, causal=False, mask=mask, sink_logits=attn.sinks(), **cfg.score_kwargs)
-  return attn.output(x, o), cache
+                       f"{score!r}")
 
 
 @nnx.jit(static_argnums=(2,))
 def stream_logits(model, tokens: jax.Array, policy: StreamingPolicy) -> jax.Array:
-  """Logits (batch, seq, vocab) of ``tokens`` (batch, seq) fed one at a time through the cached model."""
+  """Logits (batch, seq, vocab) of ``tokens`` (batch, seq) fed one at a time through the cached model: a thin
+  wrapper over ``model.init_cache(..., policy=policy)`` and a ``lax.scan`` of ``model.step``."""
   _check_model(model)
   b, t = tokens.shape
-  caches = tuple(KVCache.empty(policy, b, blk.attn.cfg.kv_heads, blk.attn.qkv.head_dim) for blk in model.blocks)
+  cache = model.init_cache(b, t, policy=policy)
 
-  def step(caches, inp):
+  def step(cache, inp):
     token, pos = inp
-    h = model.embed(token[:, None])
-    new = []
-    for block, cache in zip(model.blocks, caches):
-      a, cache = _attention_step(block.attn, block.attn_norm(h), cache, pos, policy)
-      if block.parallel_residual:
-        h = h + a + block.mlp(block.mlp_norm(h))
-      else:
-        h = h + a
-        h = h + block.mlp(block.mlp_norm(h))
-      new.append(cache)
-    h = model.final_norm(h)
-    logits = model.embed.attend(h) if model.head is None else model.head(h)
-    return tuple(new), logits[:, 0].astype(jnp.float32)
+    logits, cache = model.step(token, position=pos, cache=cache)
+    return cache, logits
 
-  _, logits = jax.lax.scan(step, caches, (tokens.T, jnp.arange(t)))
+  _, logits = jax.lax.scan(step, cache, (tokens.T, jnp.arange(t)))
   return jnp.moveaxis(logits, 0, 1)
 
 

@@ -9,6 +9,9 @@ Language Modeling", ICML 2025; code chenyaofo/CCA-Attention@052cc8e).
 Reuses the projections/RoPE/QK-norm of the dot-product layer; supports GQA, any registered score function,
 ``sink_logit`` and the output ``gate``. Sink slots (``sink_token``, ``key_bias``, ``value_bias``) and packed
 ``segment_ids`` are refused: the paper defines neither (a pooled group may straddle documents).
+
+Decoding (the protocol of :mod:`attnlab.attention.cache`): the compressed cache of :mod:`attnlab.attention.cca
+.decode` (core tokens + a buffer of at most s + g raw tokens), policy "full" only (CCA is its own compression).
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
+from jax.sharding import PartitionSpec as P
 
-from attnlab.attention.cca import (CCACache, cca_attention, cca_decode_step, cca_prefill, cca_weights,
-                                   check_cca_params)
+from attnlab.attention.cache import FULL, CachePolicy, check_full_only, check_position, check_prompt, parse_policy
+from attnlab.attention.cca import (CCACache, cca_attention, cca_decode_step, cca_init_cache, cca_prefill,
+                                   cca_weights, check_cca_params)
 from attnlab.attention.config import GroupedKV, OutputGateField, QKNorm, SinkLogit
 from attnlab.attention.registry import register_attention
 from attnlab.attention.projections import HeadsOutput, QKVProjection, make_gate
@@ -70,18 +75,40 @@ class CCAAttention(HeadsOutput, nnx.Module):
       aux = dict(weights=w, sink_mass=sink_mass, queries=q, keys=k, values=v)
     return y, aux
 
-  def prefill(self, x: jax.Array, *, positions: jax.Array, max_len: int) -> tuple[jax.Array, CCACache]:
-    """Forward over a prompt (batch, n, d_model) and the compressed cache for up to ``max_len`` tokens."""
-    q, k, v = self.qkv(x, positions)
-    o, cache = cca_prefill(q, k, v, max_len=max_len, sink_logits=self.sinks(), block_q=self.cfg.block_q,
-                           **self.cfg.cca_kwargs)
-    return self.output(x, o), cache
+  def init_cache(self, batch: int, max_len: int, *, policy: str | CachePolicy = FULL,
+                 dtype=jnp.float32) -> CCALayerCache:
+    check_full_only(parse_policy(policy), "cca", "it keeps its own compressed cache")
+    cfg = self.cfg
+    inner = cca_init_cache(batch, max_len, cfg.num_heads, self.qkv.kv_heads, self.qkv.head_dim,
+                           group_size=cfg.group_size, window_size=cfg.window_size, dtype=dtype)
+    return CCALayerCache(inner, max_len=max_len)
 
-  def decode_step(self, x: jax.Array, *, positions: jax.Array, cache: CCACache) -> tuple[jax.Array, CCACache]:
-    """One token (batch, 1, d_model) at ``positions`` (batch, 1) against the compressed cache."""
+  def prefill(self, x: jax.Array, *, positions: jax.Array, cache: CCALayerCache):
+    """Forward over a prompt (batch, n, d_model) into an empty cache: ``(y, cache)``."""
+    check_prompt(x.shape[1], cache.max_len)
     q, k, v = self.qkv(x, positions)
-    o, cache = cca_decode_step(cache, q, k, v, sink_logits=self.sinks(), **self.cfg.cca_kwargs)
-    return self.output(x, o), cache
+    o, inner = cca_prefill(q, k, v, max_len=cache.max_len, sink_logits=self.sinks(), block_q=self.cfg.block_q,
+                           **self.cfg.cca_kwargs)
+    return self.output(x, o), cache.replace(inner=inner)
+
+  def step(self, x: jax.Array, *, position, cache: CCALayerCache):
+    """One token (batch, 1, d_model) at ``position`` against the compressed cache."""
+    check_position(position, cache.max_len)
+    q, k, v = self.qkv(x, jnp.broadcast_to(jnp.asarray(position, jnp.int32), (x.shape[0], 1)))
+    o, inner = cca_decode_step(cache.inner, q, k, v, sink_logits=self.sinks(), **self.cfg.cca_kwargs)
+    return self.output(x, o), cache.replace(inner=inner)
+
+
+@struct.dataclass
+class CCALayerCache:
+  """:class:`CCACache` (core tokens, raw buffer, counters) and its static ``max_len``."""
+
+  inner: CCACache
+  max_len: int = struct.field(pytree_node=False)
+
+  def logical_axes(self) -> CCALayerCache:
+    core, raw = P("batch", None, "kv_heads", None, None), P("batch", None, "kv_heads", None)
+    return self.replace(inner=CCACache(core, core, P("batch", None, "heads", None), raw, raw, P(), P(), P()))
 
 
 register_attention("cca", CCAConfig)(CCAAttention)

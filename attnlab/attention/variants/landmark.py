@@ -7,9 +7,13 @@ Training: the input stream carries a landmark token (``landmark_id``) after ever
 landmarks of past blocks, and a past block's tokens get ``P(landmark) × in-block softmax``. Any landmark layout
 works (random window offsets), and without landmarks it is causal softmax attention.
 
-Inference: :meth:`LandmarkAttention.retrieval_step` processes a chunk with a cache of complete blocks and top-k
-retrieval (:func:`attnlab.attention.landmark.retrieval_attention`); the LM-level driver is
-:class:`attnlab.attention.landmark.runner.LandmarkRunner`.
+Inference (the protocol of :mod:`attnlab.attention.cache`, policy "full"): the retrieval cache of complete
+blocks with top-k retrieval (:func:`attnlab.attention.landmark.retrieval_attention`). ``prefill`` takes a chunk
+of any length starting at ``positions[:, 0]`` from any cache state (not only an empty one) and ``step`` one token;
+with ``top_k >=`` the number of cached blocks both equal the training forward. Landmark tokens must sit at stream
+positions ``p % block_size == block_size - 1``. The chunked long-context driver is
+:class:`attnlab.attention.landmark.runner.LandmarkRunner` (over ``DecoderLM.prefill``); ``attnlab.generate``
+inserts the landmarks itself.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
+from jax.sharding import PartitionSpec as P
 
+from attnlab.attention.cache import FULL, CachePolicy, check_full_only, check_position, check_prompt, parse_policy
 from attnlab.attention.config import GroupedKV, OutputGateField, QKNorm
 from attnlab.attention.landmark.grouped_softmax import landmark_attention
 from attnlab.attention.landmark.retrieval import SELECTIONS, LandmarkCache, init_cache, retrieval_attention
@@ -87,20 +93,52 @@ class LandmarkAttention(HeadsOutput, nnx.Module):
                  is_landmark=is_landmark)
     return y, aux
 
-  def init_cache(self, batch: int, cache_blocks: int | None = None) -> LandmarkCache:
+  def init_cache(self, batch: int, max_len: int, *, policy: str | CachePolicy = FULL, top_k: int | None = None,
+                 cache_blocks: int | None = None, selection: str | None = None,
+                 dtype=jnp.float32) -> LandmarkLayerCache:
+    """An empty retrieval cache; ``top_k``, ``cache_blocks``, ``selection`` override the config's defaults."""
+    check_full_only(parse_policy(policy), "landmark", "it keeps its own retrieval cache")
     cfg = self.cfg
-    return init_cache(batch, cache_blocks or cfg.cache_blocks, cfg.block_size, cfg.kv_heads, self.head_dim)
+    cache_blocks = cache_blocks or cfg.cache_blocks
+    top_k = top_k or cfg.top_k
+    if not 1 <= top_k <= cache_blocks:
+      raise ValueError(f"top_k ({top_k}) must be in [1, cache_blocks={cache_blocks}]")
+    inner = init_cache(batch, cache_blocks, cfg.block_size, cfg.kv_heads, self.head_dim, dtype)
+    return LandmarkLayerCache(inner, max_len=max_len, top_k=top_k, selection=selection or cfg.selection)
 
-  def retrieval_step(self, x: jax.Array, cache: LandmarkCache, start: jax.Array, *, top_k: int | None = None,
-                     selection: str | None = None) -> tuple[jax.Array, LandmarkCache]:
-    """Attention output for a chunk ``x`` (batch, T, d_model) starting at stream position ``start`` (landmarks
-    at positions ``p % block_size == block_size - 1``), with top-k retrieval from ``cache``."""
+  def _chunk(self, x, start, cache: LandmarkLayerCache):
     cfg = self.cfg
     q, k, v = self.qkv(x, None)
-    o, cache = retrieval_attention(q, k, v, cache, start, top_k=top_k or cfg.top_k,
-                                   selection=selection or cfg.selection,
+    o, inner = retrieval_attention(q, k, v, cache.inner, start, top_k=cache.top_k, selection=cache.selection,
                                    rope_base=cfg.rope_base if cfg.rope else None)
-    return self.output(x, o), cache
+    return self.output(x, o), cache.replace(inner=inner)
+
+  def prefill(self, x, *, positions, cache: LandmarkLayerCache, tokens=None):
+    """A chunk x (batch, T, d_model) at stream positions ``positions`` (batch, T) (consecutive): ``(y, cache)``."""
+    del tokens  # landmarks are located by position (p % block_size == block_size - 1)
+    check_prompt(x.shape[1], cache.max_len)
+    return self._chunk(x, positions[0, 0], cache)
+
+  def step(self, x, *, position, cache: LandmarkLayerCache, tokens=None):
+    """One token (batch, 1, d_model) at ``position``: ``(y, cache)``."""
+    del tokens
+    check_position(position, cache.max_len)
+    return self._chunk(x, jnp.asarray(position, jnp.int32).reshape(()), cache)
+
+
+@struct.dataclass
+class LandmarkLayerCache:
+  """:class:`LandmarkCache` (ring of complete blocks + the incomplete tail) with static ``max_len``, ``top_k``
+  and ``selection``."""
+
+  inner: LandmarkCache
+  max_len: int = struct.field(pytree_node=False)
+  top_k: int = struct.field(pytree_node=False, default=4)
+  selection: str = struct.field(pytree_node=False, default="per_token_and_head")
+
+  def logical_axes(self) -> LandmarkLayerCache:
+    blocks, tail = P("batch", None, None, "kv_heads", None), P("batch", None, "kv_heads", None)
+    return self.replace(inner=LandmarkCache(blocks, blocks, tail, tail))
 
 
 register_attention("landmark", LandmarkConfig)(LandmarkAttention)

@@ -6,8 +6,10 @@ Attention-2"), the ``NormLinearAttention`` layer of the released TNL models:
     y = (u ⊙ SRMSNorm(o)) W_out,   SRMSNorm(x) = x / sqrt(mean(x^2) + eps)   (over all heads, no gain)
 
 The per-head decay follows ``LightningConfig.decay`` (see :mod:`attnlab.ops.lightning.decay`); it depends on
-the layer's depth, which the LM supplies through :meth:`LightningConfig.for_layer`. Decoding: :meth:`prefill`
-returns the (batch, heads, d, e) state, :meth:`step` continues token by token from it.
+the layer's depth, which the LM supplies through :meth:`LightningConfig.for_layer`. Decoding (the protocol of
+:mod:`attnlab.attention.cache`, policy "full" only): the cache is the recurrent state ``S`` (batch, heads, d, e),
+``S_t = lambda S_{t-1} + k_t^T v_t``, ``o_t = q_t S_t``; :meth:`prefill` runs the chunked form and returns it,
+:meth:`step` continues token by token.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
+from jax.sharding import PartitionSpec as P
 
+from attnlab.attention.cache import FULL, CachePolicy, check_full_only, check_position, check_prompt, parse_policy
 from attnlab.attention.config import BaseAttentionConfig
 from attnlab.ops.lightning import (DECAYS, lightning_chunked, lightning_naive, lightning_recurrent,
                                          lightning_weights, log_decay)
@@ -128,24 +132,39 @@ class LightningAttention(nnx.Module):
                  values=v)
     return self._output(o, u), aux
 
-  def init_state(self, batch: int) -> jax.Array:
+  def init_cache(self, batch: int, max_len: int, *, policy: str | CachePolicy = FULL) -> LightningCache:
     """Empty decoding state (batch, heads, d, e) float32 (d doubles with LRPE)."""
+    check_full_only(parse_policy(policy), "lightning", "its cache is a recurrent state")
     d = self.head_dim * (2 if self.lrpe is not None else 1)
-    return jnp.zeros((batch, self.cfg.num_heads, d, self.head_dim), jnp.float32)
+    return LightningCache(jnp.zeros((batch, self.cfg.num_heads, d, self.head_dim), jnp.float32), max_len=max_len)
 
-  def prefill(self, x: jax.Array, *, positions: jax.Array, state: jax.Array | None = None):
-    """Parallel (chunked) pass over a prompt; returns ``(y, state)`` for :meth:`step`."""
+  def prefill(self, x: jax.Array, *, positions: jax.Array, cache: LightningCache):
+    """Parallel (chunked) pass over a prompt from the cache's state; returns ``(y, cache)``."""
+    check_prompt(x.shape[1], cache.max_len)
     q, k, v, u = self._features(x, positions)
     o, state = lightning_chunked(q, k, v, jnp.asarray(self.log_decay, jnp.float32), block_size=self.cfg.block_size,
-                                 scale=self.scale, initial_state=state, return_state=True)
-    return self._output(o, u), state
+                                 scale=self.scale, initial_state=cache.state, return_state=True)
+    return self._output(o, u), cache.replace(state=state)
 
-  def step(self, x: jax.Array, *, positions: jax.Array, state: jax.Array):
-    """Recurrent decoding of x (batch, t, d_model) (typically t = 1) from ``state``; returns ``(y, state)``."""
+  def step(self, x: jax.Array, *, position, cache: LightningCache):
+    """Recurrent decoding of one token x (batch, 1, d_model) at ``position``; returns ``(y, cache)``."""
+    check_position(position, cache.max_len)
+    positions = jnp.broadcast_to(jnp.asarray(position, jnp.int32), (x.shape[0], 1))
     q, k, v, u = self._features(x, positions)
     o, state = lightning_recurrent(q, k, v, jnp.asarray(self.log_decay, jnp.float32), scale=self.scale,
-                                   initial_state=state)
-    return self._output(o, u), state
+                                   initial_state=cache.state)
+    return self._output(o, u), cache.replace(state=state)
+
+
+@struct.dataclass
+class LightningCache:
+  """The recurrent state (batch, heads, d, e) float32 and the static ``max_len``."""
+
+  state: jax.Array
+  max_len: int = struct.field(pytree_node=False)
+
+  def logical_axes(self) -> LightningCache:
+    return self.replace(state=P("batch", "heads", None, None))
 
 
 register_attention("lightning", LightningConfig)(LightningAttention)
