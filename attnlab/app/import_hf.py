@@ -24,6 +24,7 @@ import tempfile
 
 import jax
 
+from attnlab.app.train import check_tokenizer
 from attnlab.configs import ConfigError, build_experiment, parse_gin, write_run_configs
 from attnlab.model.config import ModelConfig
 from attnlab.pretrained import hf_model_config, hf_tokenizer, load_hf, read_hf_config
@@ -127,15 +128,6 @@ def experiment_bindings(model: ModelConfig, tokenizer_dir: str) -> list[str]:
   return [*model_bindings(model), f"DataConfig.tokenizer = {tokenizer_dir!r}",
           f"DataConfig.seq_len = {min(DEFAULT_SEQ_LEN, model.max_seq_len)}",
           f"OptimizerConfig.learning_rate = {FINETUNE_LR!r}"]
-
-
-def check_tokenizer(tok, vocab_size: int, where: str) -> None:
-  """A tokenizer whose ids (vocabulary or BOS/EOS/PAD) reach past the model's ``vocab_size`` is an error."""
-  ids = {"its vocabulary": tok.vocab_size - 1, "BOS": tok.bos_id, "EOS": tok.eos_id, "PAD": tok.pad_id}
-  bad = {k: v for k, v in ids.items() if v >= vocab_size}
-  if bad:
-    raise ValueError(f"{where}: token ids must be < the model's vocab_size {vocab_size}, but the tokenizer's "
-                     + ", ".join(f"{k} {'reaches ' if k.startswith('its') else 'is '}{v}" for k, v in bad.items()))
 
 
 def _check_state(cfg: ExperimentConfig, state) -> None:
