@@ -55,6 +55,9 @@ def _rope(c: dict, model_type: str) -> tuple[float, float, tuple]:
   params = dict(c.get("rope_parameters") or {})
   legacy = dict(c.get("rope_scaling") or {})
   field = "rope_parameters" if params else "rope_scaling"
+  kinds = [d.get("rope_type", d.get("type")) for d in (params, legacy)]
+  if None not in kinds and kinds[0] != kinds[1]:
+    raise _err("rope_scaling", legacy, f"disagrees with rope_parameters (rope_type {kinds[0]!r})")
   params = {**legacy, **params}
   base = _get(params, "rope_theta", default=_get(c, "rope_theta", "rotary_emb_base", default=10_000.0))
   fraction = _get(params, "partial_rotary_factor",
