@@ -267,3 +267,25 @@ def test_train_refuses_a_tokenizer_beyond_vocab_size(sources, tmp_path, capsys):
   _one_line_error(["train", "--gin_file", "experiments/smoke_tiny.gin", "--workdir", str(tmp_path / "w"),
                    f"--gin.DataConfig.tokenizer='{sources['gpt2']}/tokenizer.json'"], capsys,
                   "must be < the model's vocab_size 259")
+
+
+def test_pytorch_model_bin_checkpoint(sources, tmp_path):
+  """Weights only as pytorch_model.bin (e.g. Pythia's step revisions) are read with torch, same logits."""
+  src = str(tmp_path / "bin")
+  shutil.copytree(sources["llama"], src)
+  os.remove(os.path.join(src, "model.safetensors"))
+  state = {k: torch.from_numpy(v.astype(np.float32)).to(torch.bfloat16 if "mlp" in k else torch.float32)
+           for k, v in read_safetensors(os.path.join(sources["llama"], "model.safetensors")).items()}
+  torch.save(state, os.path.join(src, "pytorch_model.bin"))
+  w = str(tmp_path / "w")
+  assert main(["import", "--hf", src, "--workdir", w]) == 0
+  model, cfg = load(w)
+  ref = transformers.AutoModelForCausalLM.from_pretrained(sources["llama"]).eval()
+  with torch.no_grad():  # the reference with the same bf16-rounded MLP weights
+    for k, v in ref.state_dict().items():
+      if "mlp" in k:
+        v.copy_(v.to(torch.bfloat16).float())
+    ids = np.arange(20)[None] % cfg.model.vocab_size
+    want = ref(torch.tensor(ids)).logits.numpy()
+  got = np.asarray(model(jnp.asarray(ids, jnp.int32)))
+  assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()

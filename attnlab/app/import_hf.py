@@ -34,6 +34,7 @@ from attnlab.train.loop import RUN_CONFIG
 
 HUB_PATTERNS = ("config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+HUB_BIN_PATTERNS = ("pytorch_model*.bin", "pytorch_model.bin.index.json")  # only when there is no safetensors
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json")
 TOKENIZER_DIR = "tokenizer"
 IMPORT_RECORD = "import.json"
@@ -53,6 +54,9 @@ def download(repo_id: str, revision: str | None = None) -> tuple[str, dict]:
                      "(pip install 'attnlab[hf]')") from None
   try:
     path = huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=list(HUB_PATTERNS))
+    if not any(f.endswith(".safetensors") for f in os.listdir(path)):  # older revisions: pytorch_model.bin only
+      path = huggingface_hub.snapshot_download(repo_id, revision=revision,
+                                               allow_patterns=list(HUB_PATTERNS + HUB_BIN_PATTERNS))
   except errors.RevisionNotFoundError:
     raise ValueError(f"revision {revision!r} does not exist for {repo_id}") from None
   except errors.RepositoryNotFoundError:
