@@ -215,6 +215,10 @@ def test_bad_inputs_are_one_line_and_write_nothing(sources, imported, tmp_path, 
   listing = sorted(os.listdir(imported["gpt2"]))
   _one_line_error(["import", "--hf", llama, "--workdir", imported["gpt2"]], capsys, "different configuration")
   assert sorted(os.listdir(imported["gpt2"])) == listing
+  listing = sorted(os.listdir(imported["llama"]))  # same config, other weights (e.g. another revision)
+  _one_line_error(["import", "--hf", _copy(llama, tmp_path / "other"), "--workdir", imported["llama"]], capsys,
+                  "not this import")
+  assert sorted(os.listdir(imported["llama"])) == listing
   assert not [p for p in os.listdir(tmp_path) if ".import-" in p]  # no leftover staging folder
 
 

@@ -161,6 +161,15 @@ def _workdir_state(workdir: str) -> str | None:
     return f.read()
 
 
+def _read_import_record(workdir: str) -> dict | None:
+  try:
+    with open(os.path.join(workdir, IMPORT_RECORD)) as f:
+      out = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return out if isinstance(out, dict) else None
+
+
 def import_hf(src: str, workdir: str, *, revision: str | None = None, dtype: str = "float32",
               max_seq_len: int | None = None, command_line: str = "") -> tuple[ExperimentConfig, bool]:
   """Imports ``src`` into ``workdir``; returns (the run's config, whether anything was written: False when the
@@ -199,6 +208,10 @@ def import_hf(src: str, workdir: str, *, revision: str | None = None, dtype: str
       if existing != record:
         raise ValueError(f"workdir {workdir!r} holds a run of a different configuration (see "
                          f"{os.path.join(workdir, RUN_CONFIG)}); give a new workdir")
+      before = _read_import_record(workdir)
+      if before is None or {k: before.get(k) for k in provenance} != provenance:
+        raise ValueError(f"workdir {workdir!r} holds a run of the same configuration but not this import "
+                         f"({json.dumps(before) if before else 'not imported'}); give a new workdir")
       return cfg, False
 
     _, model = load_hf(src_dir, dtype=dtype, max_seq_len=max_seq_len)  # every tensor mapped and shape-checked
