@@ -8,6 +8,8 @@
     attnlab sweep [--sweep experiments/sinks] --workdir DIR [--short] [--tasks bb,text] [--arms softmax,relu]
                   [--gin.KEY=VALUE ...]   (train + analyse every arm; DIR/sink_table.{md,json,png})
     attnlab demo  [--workdir runs/demo]   (= make demo: attnlab sweep --short, ~10 min on a 2-core CPU)
+    attnlab import --hf SRC --workdir DIR [--revision REV] [--dtype float32|bfloat16] [--max_seq_len N]
+                  (a Hugging Face checkpoint, local dir or hub id, as an ordinary workdir at step 0)
     attnlab compile --topology v5e:2x2 --gin_file experiments/X.gin [--gin.KEY=VALUE ...]
                   (AOT-compile the sharded train step for a TPU topology here; prints memory per device)
 
@@ -26,7 +28,7 @@ import os
 import shlex
 import sys
 
-from attnlab.app import compile as aot, evaluate, sinks, stream, sweep, train
+from attnlab.app import compile as aot, evaluate, import_hf, sinks, stream, sweep, train
 from attnlab.app.workdir import DistributedFlags
 from attnlab.configs import ConfigError
 from attnlab.train import NonFiniteLossError
@@ -90,6 +92,13 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--num_processes", type=int)
     g.add_argument("--process_id", type=int)
     g.add_argument("--distributed_auto", action="store_true", help="detect the cluster (TPU pod, SLURM, Open MPI)")
+  p = sub.add_parser("import", help="import a Hugging Face checkpoint (local dir or hub id) into a new --workdir")
+  p.add_argument("--hf", required=True, help="a local checkpoint directory or a hub model id (e.g. gpt2)")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--revision", help="hub branch, tag or commit (e.g. Pythia's step1000)")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
+  p.add_argument("--max_seq_len", type=int, help="context length (default: the checkpoint's)")
+  p.set_defaults(gin_bindings=[])  # no gin: the model comes from the checkpoint
   return parser
 
 
@@ -99,6 +108,9 @@ def _distributed(args) -> DistributedFlags:
 
 
 def _run(args, bindings: list[str]) -> int:
+  if args.command == "import":
+    return import_hf.run(args.hf, args.workdir, revision=args.revision, dtype=args.dtype, max_seq_len=args.max_seq_len,
+                         command_line=f"import {' '.join(shlex.quote(a) for a in sys.argv[2:])}")
   if args.command == "eval":
     return evaluate.run(args.workdir, args.gin_file, bindings, search_paths=args.gin_search_path,
                         distributed=_distributed(args))

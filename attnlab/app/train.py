@@ -7,10 +7,22 @@ from collections.abc import Sequence
 
 import jax
 
+from attnlab.app.loading import adapt_checkpoint
 from attnlab.app.workdir import DistributedFlags, load_config
-from attnlab.configs import write_run_configs
+from attnlab.configs import ConfigError, write_run_configs
+from attnlab.data.tokenizer import make_tokenizer
 from attnlab.eval.run import run_evaluation
 from attnlab.train import ExperimentConfig, TrainResult, check_workdir, train
+
+
+def check_tokenizer(tok, vocab_size: int, where: str) -> None:
+  """A tokenizer whose ids (vocabulary or BOS/EOS/PAD) reach past the model's ``vocab_size`` is an error (it
+  would index past the embedding table: NaN losses)."""
+  ids = {"its vocabulary": tok.vocab_size - 1, "BOS": tok.bos_id, "EOS": tok.eos_id, "PAD": tok.pad_id}
+  bad = {k: v for k, v in ids.items() if v >= vocab_size}
+  if bad:
+    raise ConfigError(f"{where}: token ids must be < the model's vocab_size {vocab_size}, but the tokenizer's "
+                      + ", ".join(f"{k} {'reaches ' if k.startswith('its') else 'is '}{v}" for k, v in bad.items()))
 
 
 def train_and_evaluate(cfg: ExperimentConfig, workdir: str, *, force: bool = False) -> tuple[TrainResult, dict | None]:
@@ -27,8 +39,15 @@ def run(workdir: str, gin_files: Sequence[str], bindings: Sequence[str] = (), *,
         force: bool = False, distributed: DistributedFlags = DistributedFlags(), command_line: str = "") -> int:
   """The ``attnlab train`` job; ``command_line`` heads the recorded ``config.gin``. Returns the exit status."""
   cfg = load_config(gin_files, bindings, search_paths=search_paths, distributed=distributed)
+  if cfg.data.source != "synthetic":  # synthetic tasks have their own vocabulary
+    check_tokenizer(make_tokenizer(cfg.data.tokenizer), cfg.model.vocab_size,
+                    f"DataConfig.tokenizer {cfg.data.tokenizer!r}")
   check_workdir(workdir, cfg, force=force)
   main = jax.process_index() == 0
+  if force and jax.process_count() == 1:  # a changed config may add parameters: restore what exists, init the new
+    adapted = adapt_checkpoint(cfg, workdir)
+    if adapted:
+      print(adapted)
   if main:
     write_run_configs(workdir, f"# attnlab {command_line}\n\n")
   result, evaluation = train_and_evaluate(cfg, workdir, force=force)

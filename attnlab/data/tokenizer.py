@@ -133,5 +133,9 @@ def _read_json(path: str) -> dict:
 
 
 def make_tokenizer(spec: str = "byte") -> Tokenizer:
-  """``"byte"`` or the path of a local ``tokenizer.json``."""
-  return ByteTokenizer() if spec == "byte" else HFTokenizer(spec)
+  """``"byte"``, the path of a local ``tokenizer.json`` (BOS/EOS/PAD looked up as ``<s>``, ``</s>``, ``<pad>``), or
+  a directory holding a Hugging Face checkpoint's tokenizer files (BOS/EOS/PAD from its own files, see
+  :meth:`HFTokenizer.from_pretrained_dir`; what ``attnlab import`` writes)."""
+  if spec == "byte":
+    return ByteTokenizer()
+  return HFTokenizer.from_pretrained_dir(spec) if os.path.isdir(spec) else HFTokenizer(spec)

@@ -26,6 +26,7 @@ from attnlab.data.tokenizer import HFTokenizer
 from attnlab.model.config import ModelConfig
 from attnlab.model.lm import DecoderLM
 from attnlab.pretrained.safetensors_io import FLOAT_DTYPES, load_checkpoint
+from attnlab.pretrained.torch_bin import has_torch_weights, load_torch_checkpoint
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
 MODEL_TYPES = LLAMA_LIKE + ("gpt2", "gpt_neox")
@@ -55,6 +56,9 @@ def _rope(c: dict, model_type: str) -> tuple[float, float, tuple]:
   params = dict(c.get("rope_parameters") or {})
   legacy = dict(c.get("rope_scaling") or {})
   field = "rope_parameters" if params else "rope_scaling"
+  kinds = [d.get("rope_type", d.get("type")) for d in (params, legacy)]
+  if None not in kinds and kinds[0] != kinds[1]:
+    raise _err("rope_scaling", legacy, f"disagrees with rope_parameters (rope_type {kinds[0]!r})")
   params = {**legacy, **params}
   base = _get(params, "rope_theta", default=_get(c, "rope_theta", "rotary_emb_base", default=10_000.0))
   fraction = _get(params, "partial_rotary_factor",
@@ -346,9 +350,17 @@ def hf_tokenizer(src_dir: str) -> HFTokenizer | None:
   return HFTokenizer.from_pretrained_dir(src_dir)
 
 
+def load_weights(src_dir: str) -> dict[str, np.ndarray]:
+  """The checkpoint's tensors: its safetensors files, or, when it has none, its ``pytorch_model.bin`` (via torch)."""
+  if not any(f.endswith(".safetensors") for f in os.listdir(src_dir)) and has_torch_weights(src_dir):
+    return load_torch_checkpoint(src_dir)
+  return load_checkpoint(src_dir)
+
+
 def load_hf(src_dir: str, *, dtype: str = "float32", max_seq_len: int | None = None) -> tuple[ModelConfig, DecoderLM]:
   """``(ModelConfig, DecoderLM)`` of the Hugging Face checkpoint in the local directory ``src_dir``
-  (``config.json``, ``*.safetensors`` or a sharded ``model.safetensors.index.json``, optional ``tokenizer.json``).
+  (``config.json``, ``*.safetensors`` or a sharded ``model.safetensors.index.json``, else ``pytorch_model.bin`` read
+  with torch; optional ``tokenizer.json``).
   Parameters are float32; ``dtype`` is the compute dtype. A tokenizer with ids beyond the checkpoint's
   vocab_size is an error."""
   config = read_hf_config(src_dir)
@@ -357,5 +369,5 @@ def load_hf(src_dir: str, *, dtype: str = "float32", max_seq_len: int | None = N
   if tok is not None and tok.vocab_size > cfg.vocab_size:
     raise ValueError(f"{src_dir}/tokenizer.json has {tok.vocab_size} ids, more than the checkpoint's vocab_size "
                      f"{cfg.vocab_size}")
-  params = hf_state_to_params(cfg, config["model_type"], load_checkpoint(src_dir))
+  params = hf_state_to_params(cfg, config["model_type"], load_weights(src_dir))
   return cfg, params_into_model(cfg, params)

@@ -86,7 +86,7 @@ def checkpoint_files(directory: str) -> list[str]:
   files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
   if not files:
     raise ValueError(f"{directory} has no weights: no {SINGLE_FILE}, {INDEX_FILE} or *.safetensors file "
-                     "(pytorch_model.bin checkpoints are not read; convert them to safetensors)")
+                     "(attnlab.pretrained.load_hf reads a pytorch_model.bin instead, with torch)")
   return [os.path.join(directory, f) for f in files]
 
 

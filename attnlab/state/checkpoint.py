@@ -71,6 +71,18 @@ class Checkpointer:
         self._quarantine(step, e)
     return None
 
+  def restore_step(self, step: int, like_state=None):
+    """(state, data_state, meta) of checkpoint ``step``, restored into ``like_state``'s tree, or as saved when
+    ``like_state`` is None (typed PRNG keys then come back as their raw uint32 data). Raises if the step is
+    unreadable (nothing is quarantined)."""
+    self._manager.wait_until_finished()
+    target = None if like_state is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_savable(like_state))
+    out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                              data=ocp.args.JsonRestore(),
+                                                              meta=ocp.args.JsonRestore()))
+    state = out["state"] if like_state is None else _from_savable(out["state"], like_state)
+    return state, dict(out["data"]), dict(out["meta"])
+
   def _quarantine(self, step: int, error: Exception) -> None:
     os.makedirs(self.corrupt_directory, exist_ok=True)
     dest = os.path.join(self.corrupt_directory, str(step))
