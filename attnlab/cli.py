@@ -28,7 +28,7 @@ import os
 import shlex
 import sys
 
-from attnlab.app import compile as aot, evaluate, import_hf, sinks, stream, sweep, train
+from attnlab.app import compile as aot, evaluate, generate, import_hf, sinks, stream, sweep, train
 from attnlab.app.workdir import DistributedFlags
 from attnlab.configs import ConfigError
 from attnlab.train import NonFiniteLossError
@@ -56,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
                       ("eval", "evaluate the newest checkpoint of --workdir into eval.json"),
                       ("sinks", "sink report of the newest checkpoint of --workdir (sinks.json + PNGs)"),
                       ("stream", "StreamingLLM perplexity of --workdir: full / window / sink + window caches"),
+                      ("generate", "continue a prompt with the model of --workdir (KV cache: full, window, sinks)"),
                       ("sweep", "train and analyse every arm of a sink sweep; write the comparison table"),
                       ("demo", "the short sink sweep (--short) into runs/demo, ~10 min on a 2-core CPU"),
                       ("compile", "AOT-compile the train step for a TPU topology and print memory per device")):
@@ -85,7 +86,16 @@ def _parser() -> argparse.ArgumentParser:
       p.add_argument("--streams", type=int, default=4, help="number of held-out streams")
       p.add_argument("--window", type=int, help="cache size (default: the training length)")
       p.add_argument("--sinks", type=int, default=4, help="initial tokens kept by the sink + window cache")
-    if name not in ("eval", "sinks", "stream"):
+    if name == "generate":
+      p.add_argument("--prompt", help="prompt text")
+      p.add_argument("--prompt_file", help="file holding the prompt (UTF-8)")
+      p.add_argument("--max_new_tokens", type=int, default=64)
+      p.add_argument("--cache", default="full", help="cache policy: full | window:W | sink:S+W")
+      p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+      p.add_argument("--top_k", type=int)
+      p.add_argument("--seed", type=int, default=0)
+      p.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+    if name not in ("eval", "sinks", "stream", "generate"):
       p.add_argument("--force", action="store_true", help="resume even if the workdir holds another config")
     g = p.add_argument_group("multi-process (jax.distributed)")
     g.add_argument("--coordinator", help="host:port of process 0")
@@ -119,6 +129,10 @@ def _run(args, bindings: list[str]) -> int:
   if args.command == "stream":
     return stream.run(args.workdir, args.gin_file, bindings, search_paths=args.gin_search_path, length=args.length,
                       num_streams=args.streams, window=args.window, n_sink=args.sinks)
+  if args.command == "generate":
+    return generate.run(args.workdir, args.gin_file, bindings, prompt=args.prompt, prompt_file=args.prompt_file,
+                        max_new_tokens=args.max_new_tokens, cache=args.cache, temperature=args.temperature,
+                        top_k=args.top_k, seed=args.seed, step=args.step)
   if args.command in ("sweep", "demo"):
     return sweep.run(args.sweep, args.workdir, short=args.short, tasks=_split(args.tasks), arms=_split(args.arms),
                      bindings=bindings)

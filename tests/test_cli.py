@@ -3,9 +3,13 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
+from attnlab import generate
+from attnlab.app import load
 from attnlab.cli import main
+from attnlab.data.tokenizer import make_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "experiments/smoke_tiny.gin")
@@ -50,3 +54,20 @@ def test_errors_are_reported(tmp_path, capsys):
                f"--gin.DataConfig.paths=('{tmp_path}/missing.txt',)"]) == 1
   assert "missing.txt' does not exist" in capsys.readouterr().err
   assert main(["eval", "--workdir", str(tmp_path / "none")]) == 1
+
+
+def test_generate_command_continues_the_prompt_as_the_library_does(workdir, capsys):
+  model, cfg = load(workdir)
+  tokenizer = make_tokenizer(cfg.data.tokenizer)
+  ids = np.concatenate([[tokenizer.bos_id], tokenizer.encode("The ")]).astype(np.int32)
+  expected = "The " + tokenizer.decode(np.asarray(generate(model, ids, 5)[0]).tolist())
+  for cache in ("full", "window:8"):
+    assert main(["generate", "--workdir", workdir, "--prompt", "The ", "--max_new_tokens", "5", "--cache", cache]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("The ")
+    if cache == "full":
+      assert out == expected + "\n"
+  assert main(["generate", "--workdir", workdir, "--max_new_tokens", "5"]) != 0
+  assert "--prompt" in capsys.readouterr().err
+  assert main(["generate", "--workdir", workdir, "--prompt", "x", "--cache", "sink:4"]) != 0
+  assert "sink" in capsys.readouterr().err

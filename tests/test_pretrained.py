@@ -85,9 +85,7 @@ def test_rope_config_forms():
     ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_type"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "low_freq_factor"),
     ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"model_type": "mistral", "sliding_window": 4}, "sliding_window"),
-    ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 4, "max_window_layers": 0},
-     "sliding_window"),
+    ({"model_type": "mistral", "sliding_window": 0}, "sliding_window"),
 ])
 def test_unsupported_options_are_refused(change, field):
   with pytest.raises(ValueError, match=field):
@@ -107,10 +105,13 @@ def test_compute_dtype_is_checked():
     hf_model_config(LLAMA, dtype="float8")
 
 
-def test_qwen2_window_off_or_long_enough_is_accepted():
+def test_sliding_windows_map_to_attention_windows():
+  assert hf_model_config(dict(LLAMA, model_type="mistral", sliding_window=4)).attention.window == 4
   c = dict(LLAMA, model_type="qwen2", use_sliding_window=False, sliding_window=4)
   assert hf_model_config(c).attention.qkv_bias is True
-  assert hf_model_config(dict(c, use_sliding_window=True), max_seq_len=4).max_seq_len == 4
+  assert hf_model_config(c).attention.window is None
+  mixed = hf_model_config(dict(c, use_sliding_window=True, max_window_layers=1, num_hidden_layers=3))
+  assert [mixed.layer_attention(i).window for i in range(3)] == [None, 4, 4]
 
 
 def test_missing_files(tmp_path):

@@ -36,10 +36,10 @@ CASES = {
                                dict(SMALL, num_attention_heads=4, max_position_embeddings=T,
                                     rope_scaling={"rope_type": "linear", "factor": 4.0}, attention_bias=True,
                                     mlp_bias=True, tie_word_embeddings=True)),
-    # sliding window no shorter than the sequence (attnlab has no window field yet)
+    # a sliding window shorter than the sequence
     "mistral": ("MistralConfig", "MistralForCausalLM",
                 dict(SMALL, num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=T,
-                     sliding_window=T)),
+                     sliding_window=5)),
     # q/k/v biases without an o bias, tied, 3 layers, odd kv heads
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM",
               dict(SMALL, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=3,
@@ -136,11 +136,8 @@ def test_wrong_variants_differ(tmp_path):
   assert np.abs(np.asarray(lm(ids)) - np.asarray(other(ids))).max() > 1e-4
 
 
-def test_sliding_window_shorter_than_context_is_refused(tmp_path):
+def test_sliding_window_maps_to_the_attention_window(tmp_path):
   config_cls, model_cls, kw = CASES["mistral"]
-  model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**dict(kw, sliding_window=5)))
-  model.save_pretrained(tmp_path)
-  with pytest.raises(ValueError, match="sliding_window"):
-    load_hf(str(tmp_path))
-  cfg, _ = load_hf(str(tmp_path), max_seq_len=5)  # exact within the window
-  assert cfg.max_seq_len == 5
+  getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kw)).save_pretrained(tmp_path)
+  cfg, _ = load_hf(str(tmp_path))
+  assert cfg.attention.window == 5 < T

@@ -12,6 +12,8 @@ than known non-parameter buffers) is an error, as is any option attnlab does not
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import re
@@ -117,11 +119,10 @@ def hf_model_config(config: dict[str, Any], *, dtype: str = "float32", max_seq_l
   layers = int(c["num_hidden_layers"])
   rope_base, rope_fraction, rope_scaling = _rope(c, model_type)
   ctx = int(c.get("max_position_embeddings", 2048)) if max_seq_len is None else int(max_seq_len)
-  for i, w in enumerate(_windows(c, model_type, layers)):
-    if w is not None and w < ctx:
-      raise _err("sliding_window", w, f"layer {i} attends to a sliding window of {w} keys, shorter than max_seq_len "
-                 f"{ctx}; attnlab has no sliding-window attention yet (no AttentionConfig.window field), so it is "
-                 f"exact only for sequences of at most {w} tokens: pass max_seq_len <= {w}")
+  windows = _windows(c, model_type, layers)
+  for w in windows:
+    if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w <= 0):
+      raise _err("sliding_window", w, "must be a positive int")
   act = c.get("hidden_act", "gelu" if model_type == "gpt_neox" else "silu")
   if model_type == "gpt_neox":
     if act not in ACTIVATIONS:
@@ -153,6 +154,8 @@ def hf_model_config(config: dict[str, Any], *, dtype: str = "float32", max_seq_l
   att = AttentionConfig(num_heads=heads, num_kv_heads=None if kv == heads else int(kv), head_dim=int(head_dim),
                         rope_base=rope_base, rope_scaling=rope_scaling, qk_norm=model_type == "qwen3",
                         qk_norm_eps=eps, **bias)
+  per_layer = tuple(dataclasses.replace(att, window=w) for w in windows)
+  att = per_layer[0] if len(set(windows)) == 1 else per_layer
   return ModelConfig(vocab_size=int(c["vocab_size"]), d_model=d, num_layers=layers, attention=att,
                      mlp_dim=int(c["intermediate_size"]), mlp_activation="swiglu",
                      mlp_bias=bool(c.get("mlp_bias", False)) and model_type == "llama", norm="rmsnorm", norm_eps=eps,

@@ -68,11 +68,8 @@ class DotProductAttention(HeadsOutput, nnx.Module):
         mask = mask & window_mask(positions[:, None], positions[:, None], cfg.window)
       k, v, mask = self.with_sink_slot(k, v, mask)
       kw = dict(causal=False, mask=mask)
-    elif cfg.window is not None:  # once attend takes window=: dict(causal=True, segment_ids=..., window=cfg.window)
-      mask = self_attention_mask(t, segment_ids) & window_mask(positions[:, None], positions[:, None], cfg.window)
-      kw = dict(causal=False, mask=mask)
     else:
-      kw = dict(causal=cfg.causal, segment_ids=segment_ids)
+      kw = dict(causal=cfg.causal, segment_ids=segment_ids, window=cfg.window)
     o = attend(q, k, v, score=cfg.score, sink_logits=sinks, impl=cfg.impl, **kw, **cfg.score_kwargs)
     y = self.output(x, o)
     aux = {}
