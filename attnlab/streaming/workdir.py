@@ -33,7 +33,8 @@ def heldout_streams(data_cfg, *, length: int, num_streams: int) -> np.ndarray:
     raise ValueError("attnlab stream reads finite held-out text (embedded or local files), not a hub stream")
   docs = sources.finite_documents(data_cfg.source, "validation", paths=data_cfg.paths,
                                   eval_paths=data_cfg.eval_paths, text_field=data_cfg.text_field,
-                                  heldout_every=data_cfg.heldout_every)
+                                  heldout_every=data_cfg.heldout_every,
+                                  text_documents=data_cfg.text_documents, doc_chars=data_cfg.doc_chars)
   text = tok.encode("\n\n".join(docs))
   need = num_streams * (length - 1)
   if len(text) < need:
