@@ -99,7 +99,8 @@ def select_heads(metrics: Mapping, num_heads: int) -> list[tuple[float, int, int
 
 
 def plot_attention_maps(weights: Sequence, sink_mass: Sequence, metrics: Mapping, path: str, *,
-                        num_sequences: int = 3, num_heads: int = 4, k: int = 1) -> str | None:
+                        num_sequences: int = 3, num_heads: int = 4, k: int = 1,
+                        learned_sink: Sequence[bool] | None = None) -> str | None:
   """Grid of attention maps: one row per selected head (:func:`select_heads`), one column per probe sequence
   (the first ``num_sequences``). ``weights[l]`` is (batch, heads, q, k); ``sink_mass[l]`` (batch, heads, q) or
   None. A learned sink is drawn as its own column ("sink") left of the keys, after a white separator."""
@@ -112,7 +113,8 @@ def plot_attention_maps(weights: Sequence, sink_mass: Sequence, metrics: Mapping
   im = None
   saturated = False
   for r, (alpha, l, h) in enumerate(heads):
-    sink = None if sink_mass[l] is None else np.asarray(sink_mass[l])
+    has_sink = learned_sink[l] if learned_sink is not None else sink_mass[l] is not None
+    sink = np.asarray(sink_mass[l]) if has_sink and sink_mass[l] is not None else None
     for c in range(n_seq):
       ax = axes[r, c]
       w = np.asarray(weights[l][c, h], np.float64)
@@ -125,8 +127,9 @@ def plot_attention_maps(weights: Sequence, sink_mass: Sequence, metrics: Mapping
       off = 2 if sink is not None else 0
       step = max(1, kv_len // 4)
       ticks = list(range(0, kv_len, step))
-      ax.set_xticks([off + t for t in ticks] + ([0] if sink is not None else []),
-                    [str(t + 1) for t in ticks] + (["sink"] if sink is not None else []), fontsize=7)
+      ax.set_xticks([off + t for t in ticks], [str(t + 1) for t in ticks], fontsize=7)
+      if sink is not None:
+        ax.text(0, -0.6, "sink", rotation=90, ha="center", va="bottom", fontsize=7, color="C2")
       ax.set_yticks(ticks, [str(t + 1) for t in ticks], fontsize=7)
       if r == len(heads) - 1:
         ax.set_xlabel("key position")
@@ -134,10 +137,12 @@ def plot_attention_maps(weights: Sequence, sink_mass: Sequence, metrics: Mapping
         ax.set_ylabel(f"layer {l}, head {h}\nquery position", fontsize=8)
       if r == 0:
         ax.set_title(f"probe sequence {c}", fontsize=9)
-      ax.text(0.98, 0.02, f"α$_{k}$ = {alpha:.2f}", transform=ax.transAxes, ha="right", va="bottom", fontsize=7,
+      ax.text(0.97, 0.97, f"α$_{k}$ = {alpha:.2f}", transform=ax.transAxes, ha="right", va="top", fontsize=7,
               color="white")
+  note = "; learned sink drawn as the left column" if any(
+      (learned_sink[l] if learned_sink is not None else False) for _, l, _ in heads) else ""
   fig.suptitle(f"Attention weights: heads with the largest mean weight on token {k} (α$_{k}$, raw), "
-               f"first {n_seq} probe sequences", fontsize=9)
+               f"first {n_seq} probe sequences{note}", fontsize=9)
   fig.tight_layout()
   cb = fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.025, pad=0.02, extend="max" if saturated else "neither")
   cb.set_label("attention weight")
@@ -192,6 +197,7 @@ def plot_massive(metrics: Mapping, path: str) -> str | None:
   for i, h in enumerate(hidden):
     ax.annotate(f"t{int(h['top_position'][0]) + 1}/c{int(h['top_channel'][0])}", (i, tops[i, 0]),
                 textcoords="offset points", xytext=(0, 5), ha="center", fontsize=6)
+  ax.margins(y=0.25)
   _legend_outside(ax, title="t = position, c = channel\nof the top entry", title_fontsize=7)
   fig.tight_layout()
   return _save(fig, path)
@@ -205,6 +211,14 @@ CURVE_PANELS = (
     ("norm ratio (dimensionless)", None, (("value_norm_ratio", "‖v$_1$‖ / mean ‖v$_t$‖"),
                                           ("massive_ratio", "max$_l$ ‖h$_1$‖ / mean ‖h$_t$‖"))),
 )
+# raw solid and wide, proxy dashed on top of it (they coincide for normalised attention), learned sink dotted
+SERIES_STYLE = {"sink_rate_raw": dict(ls="-", lw=3.0, alpha=0.55, color="C0"),
+                "sink_rate_proxy": dict(ls="--", lw=1.4, color="C1"),
+                "first_token_attn_raw": dict(ls="-", lw=3.0, alpha=0.55, color="C0"),
+                "first_token_attn_proxy": dict(ls="--", lw=1.4, color="C1"),
+                "sink_mass": dict(ls="-.", lw=1.4, color="C2"),
+                "value_norm_ratio": dict(ls="-", lw=1.6, color="C3"),
+                "massive_ratio": dict(ls="--", lw=1.6, color="C4")}
 
 
 def plot_curves(points: Sequence[Mapping], path: str, *, seq_len: int, title: str, xlabel: str = "training step",
@@ -223,7 +237,7 @@ def plot_curves(points: Sequence[Mapping], path: str, *, seq_len: int, title: st
     for key, label in series:
       xy = [(p["step"], value(p, key)) for p in pts if value(p, key) is not None]
       if xy and not (key == "sink_mass" and not any(v for _, v in xy)):
-        ax.plot(*zip(*xy), marker, label=label, ms=4)
+        ax.plot(*zip(*xy), marker.replace("-", ""), label=label, ms=4, **SERIES_STYLE.get(key, {}))
         drawn = True
     if ylim == (0, 1):
       ax.axhline(uniform_first_token_weight(seq_len), color="gray", ls=":", lw=1,
@@ -233,6 +247,9 @@ def plot_curves(points: Sequence[Mapping], path: str, *, seq_len: int, title: st
     else:
       ax.axhline(1.0, color="gray", ls=":", lw=0.8, label="equal norms")
       ax.set_ylim(bottom=0)
+    steps = sorted({p["step"] for p in pts})
+    if marker != "-" and len(steps) <= 12:  # checkpoints: a tick at each
+      ax.set_xticks(steps)
     ax.set(xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
     _legend_outside(ax)

@@ -104,9 +104,10 @@ def write_sink_report(model, tokens, out_dir: str, history: str | Iterable[Mappi
   if figures.plot_massive(metrics, os.path.join(out_dir, "massive_activations.png")):
     files.append("massive_activations.png")
   layers = internals["layers"]
+  learned = [any(d.get(f) for f in ("sink_logit", "sink_token", "key_bias")) for d in report["attention"]]
   if figures.plot_attention_maps([a.get("weights") for a in layers], [a.get("sink_mass") for a in layers], metrics,
                                  os.path.join(out_dir, "attention_maps.png"), num_sequences=num_sequences,
-                                 num_heads=num_maps, k=k):
+                                 num_heads=num_maps, k=k, learned_sink=learned):
     files.append("attention_maps.png")
   if history is not None and figures.plot_curves(
       load_history(history), os.path.join(out_dir, "history.png"), seq_len=seq,

@@ -2,6 +2,7 @@
 
 A sweep directory holds one folder per task with one gin file per arm (``experiments/sinks/bb/softmax.gin``,
 ``experiments/sinks/text/relu.gin``, ...); a task folder's ``_short.gin`` holds the overrides of ``--short``.
+A ``<task>/_short_<arm>.gin`` is applied after ``_short.gin`` for that arm only (per-arm learning rates).
 Each arm trains in ``WORKDIR/<task>/<arm>`` and gets its sink report (:mod:`attnlab.analysis.workdir`); its
 table row is :func:`table_row`.
 The comparison goes to ``WORKDIR/sink_table.{md,json,png}``: final loss, Gu's ``Sink_1^0.3`` on the proxy AND on
@@ -17,6 +18,7 @@ import glob
 import json
 import math
 import os
+import subprocess
 from collections.abc import Sequence
 
 import numpy as np
@@ -74,7 +76,9 @@ def discover(sweep_dir: str, *, short: bool = False, tasks: Sequence[str] | None
     for name in names:
       if arms and name not in arms:
         continue
-      files = (os.path.join(folder, name + ".gin"),) + ((short_file,) if short else ())
+      arm_short = os.path.join(folder, f"_short_{name}.gin")  # per-arm overrides of --short (e.g. a learning rate)
+      files = (os.path.join(folder, name + ".gin"),) + ((short_file,) if short else ()) + (
+          (arm_short,) if short and os.path.isfile(arm_short) else ())
       out.append(Arm(task, name, files))
   if arms:
     missing = sorted(set(arms) - {a.name for a in out})
@@ -224,6 +228,19 @@ def write_sweep_html(rows: Sequence[dict], workdir: str, md: str, *, command: st
   return html.write(os.path.join(workdir, "report.html"), f"attnlab sink sweep: {os.path.abspath(workdir)}", body)
 
 
+def code_version() -> str:
+  """``git describe``-style id of the attnlab checkout that ran (``<commit>[-dirty]``), or "" outside git."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  try:
+    commit = subprocess.run(["git", "-C", here, "rev-parse", "--short=10", "HEAD"], capture_output=True, text=True,
+                            timeout=10, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                           text=True, timeout=10, check=True).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return ""
+  return commit + ("-dirty" if dirty else "")
+
+
 def write_table(rows: Sequence[dict], workdir: str, *, short: bool = False, command: str = "") -> str:
   """Writes ``sink_table.md/.json/.png`` and ``report.html`` to ``workdir``; returns the Markdown."""
   os.makedirs(workdir, exist_ok=True)
@@ -231,7 +248,8 @@ def write_table(rows: Sequence[dict], workdir: str, *, short: bool = False, comm
   with open(os.path.join(workdir, TABLE + ".md"), "w") as f:
     f.write(md)
   with open(os.path.join(workdir, TABLE + ".json"), "w") as f:
-    json.dump({"short": short, "paper_setup": GU_SETUP, "paper": PAPER, "rows": list(rows)}, f, indent=1)
+    json.dump({"short": short, "command": command, "code": code_version(), "paper_setup": GU_SETUP, "paper": PAPER,
+               "rows": list(rows)}, f, indent=1)
   plot_table(rows, os.path.join(workdir, TABLE + ".png"))
   write_sweep_html(rows, workdir, md, command=command)
   return md

@@ -165,6 +165,9 @@ def sinks_over_steps(exp_cfg, workdir: str, *, bos: str | None = None, probe_fil
   probes = {name: make_probe(exp_cfg, bos=b, probe_file=probe_file)
             for name, b in (("bos", True), ("no_bos", False)) if bos in (("on", "both") if b else ("off", "both"))}
   points = {name: [] for name in probes}
+  if log and steps is None and len(kept_steps(exp_cfg, workdir)) < 3:
+    log(f"only {len(kept_steps(exp_cfg, workdir))} kept checkpoint(s) in {workdir}: for a curve, train with more "
+        "(TrainConfig.checkpoint_every and TrainConfig.keep_checkpoints)")
   for step, eval_graphdef, state in restore_steps(exp_cfg, workdir, steps):
     for name, probe in probes.items():
       internals = _internals_fn(eval_graphdef)(state["params"], state["rest"], probe.tokens)
