@@ -237,7 +237,7 @@ def plot_curves(points: Sequence[Mapping], path: str, *, seq_len: int, title: st
     for key, label in series:
       xy = [(p["step"], value(p, key)) for p in pts if value(p, key) is not None]
       if xy and not (key == "sink_mass" and not any(v for _, v in xy)):
-        ax.plot(*zip(*xy), marker.replace("-", ""), label=label, ms=4, **SERIES_STYLE.get(key, {}))
+        ax.plot(*zip(*xy), label=label, ms=4, marker="o" if "o" in marker else None, **SERIES_STYLE.get(key, {}))
         drawn = True
     if ylim == (0, 1):
       ax.axhline(uniform_first_token_weight(seq_len), color="gray", ls=":", lw=1,

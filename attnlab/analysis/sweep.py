@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from attnlab.analysis import figures, html
 from attnlab.analysis.paper import GU_SETUP, PAPER, paper_cell
 
 SHORT_FILE = "_short.gin"
@@ -180,8 +181,7 @@ def format_table(rows: Sequence[dict], *, short: bool = False) -> str:
 def plot_table(rows: Sequence[dict], path: str) -> str:
   """Per task: Sink_1 (%) on the proxy and on raw weights; and the raw first-token weight and learned-sink mass
   (0-1) with the uniform-attention reference. One quantity per axis, legends outside the bars."""
-  from attnlab.analysis.figures import _legend_outside, _plt, _save, uniform_first_token_weight
-  plt = _plt()
+  plt = figures._plt()
   tasks = list(dict.fromkeys(r["task"] for r in rows))
   fig, axes = plt.subplots(len(tasks), 2, figsize=(15, 3.6 * len(tasks)), squeeze=False)
   panels = (((("sink_rate_proxy", "Gu proxy"), ("sink_rate_raw", "raw weights")), "Sink$_1^{0.3}$ (% of heads)",
@@ -196,19 +196,18 @@ def plot_table(rows: Sequence[dict], path: str) -> str:
         ax.bar(x + (i - 0.5) * 0.38, [r.get(key) or 0.0 for r in trs], 0.38, label=label)
       if ylim == (0, 1):
         seq = trs[0].get("probe_seq", 64)
-        ax.axhline(uniform_first_token_weight(seq), color="gray", ls=":", lw=1,
+        ax.axhline(figures.uniform_first_token_weight(seq), color="gray", ls=":", lw=1,
                    label=f"uniform attention (T = {seq})")
       ax.set_xticks(x, [r["arm"] for r in trs], rotation=30, ha="right", fontsize=8)
       ax.set(ylim=ylim, ylabel=ylabel, title=TASK_LABELS.get(task, task))
       ax.title.set_fontsize(9)
-      _legend_outside(ax)
+      figures._legend_outside(ax)
   fig.tight_layout()
-  return _save(fig, path)
+  return figures._save(fig, path)
 
 
 def write_sweep_html(rows: Sequence[dict], workdir: str, md: str, *, command: str = "") -> str:
   """``workdir/report.html``: the comparison table, its figure, a link to every arm's report and the JSON."""
-  from attnlab.analysis import html
   body = []
   if command:
     body.append(f"<p>Command: <code>{html.esc(command)}</code></p>")
