@@ -116,11 +116,19 @@ def existing(base: str, names: Sequence[tuple[str, str]]) -> list[tuple[str, str
   return [(label, rel(p, base)) for label, p in names if os.path.exists(p)]
 
 
+METRIC_NAMES = {
+    "sink_rate_proxy": "Sink_1^eps, Gu proxy (% of heads)", "sink_rate_raw": "Sink_1^eps, raw weights (% of heads)",
+    "first_token_attn_proxy": "weight on token 1, proxy (0-1)", "first_token_attn_raw": "weight on token 1, raw (0-1)",
+    "row_mass": "raw row mass (1 = normalised)", "sink_mass": "weight on the learned sink (0-1)",
+    "value_norm_ratio": "‖v_1‖ / mean ‖v_t‖ (value drain)", "massive_ratio": "max over layers ‖h_1‖ / mean ‖h_t‖",
+    "top_to_median": "max over layers top |h| / median |h| (Sun et al.)"}
+
+
 def summary_table(reports: Mapping[str, Mapping | None]) -> str:
   """Summary metrics side by side, one column per probe variant (``{"with BOS": report, ...}``)."""
   cols = [(name, r) for name, r in reports.items() if r]
   keys = list(dict.fromkeys(k for _, r in cols for k in r.get("summary", {})))
-  rows = [[k] + [r["summary"].get(k) for _, r in cols] for k in keys]
+  rows = [[METRIC_NAMES.get(k, k)] + [r["summary"].get(k) for _, r in cols] for k in keys]
   ce = list(dict.fromkeys(k for _, r in cols for k in r.get("probe_loss", {})))
   names = {"ce": "probe CE (nats/token)", "ce_masked": "probe CE, masked queries (BB: bigram)",
            "ce_unmasked": "probe CE, other queries (BB: backcopy)"}

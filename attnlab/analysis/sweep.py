@@ -193,13 +193,15 @@ def plot_table(rows: Sequence[dict], path: str) -> str:
     x = np.arange(len(trs))
     for ax, (series, ylabel, ylim) in zip(row_axes, panels):
       for i, (key, label) in enumerate(series):
-        ax.bar(x + (i - 0.5) * 0.38, [r.get(key) or 0.0 for r in trs], 0.38, label=label)
+        bars = ax.bar(x + (i - 0.5) * 0.38, [r.get(key) or 0.0 for r in trs], 0.38, label=label)
+        ax.bar_label(bars, fmt="%.0f" if ylim[1] == 100 else "%.2f", fontsize=6, padding=1)
       if ylim == (0, 1):
         seq = trs[0].get("probe_seq", 64)
         ax.axhline(figures.uniform_first_token_weight(seq), color="gray", ls=":", lw=1,
                    label=f"uniform attention (T = {seq})")
       ax.set_xticks(x, [r["arm"] for r in trs], rotation=30, ha="right", fontsize=8)
-      ax.set(ylim=ylim, ylabel=ylabel, title=TASK_LABELS.get(task, task))
+      ax.set(ylim=(0, ylim[1] * 1.08), ylabel=ylabel, title=TASK_LABELS.get(task, task))
+      ax.set_yticks(np.linspace(0, ylim[1], 6))
       ax.title.set_fontsize(9)
       figures._legend_outside(ax)
   fig.tight_layout()

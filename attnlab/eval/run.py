@@ -46,7 +46,10 @@ def run_evaluation(exp_cfg, eval_graphdef, params, rest, workdir: str, *, step: 
   byte_model = extrapolation.is_byte_model(dcfg)
   png = extrapolation.plot(rows, os.path.join(workdir, "length_extrapolation.png"), byte_model=byte_model,
                            train_len=dcfg.seq_len,
-                           title=f"length extrapolation (trained at {dcfg.seq_len} tokens)") if main else None
+                           title=f"held-out loss vs evaluation length (trained at {dcfg.seq_len} tokens)" + (
+                               f"\nnot shown: {', '.join(str(r['seq_len']) for r in rows if 'skipped' in r)} tokens, "
+                               f"beyond max_seq_len {exp_cfg.model.max_seq_len}" if any('skipped' in r for r in rows)
+                               else "")) if main else None
   if png:
     result["length_extrapolation_plot"] = os.path.basename(png)
   ecfg = exp_cfg.eval
