@@ -60,6 +60,16 @@ def test_every_sweep_arm_builds():
     parse_gin(list(arm.gin_files))
     cfg = build_experiment()
     assert cfg.analysis.every > 0 and cfg.data.seq_len == 64
+  relu = [a for a in arms if a.task == "bb" and a.name == "relu"][0]
+  assert relu.gin_files[-1].endswith("_short_relu.gin")
+  parse_gin(list(relu.gin_files))
+  assert build_experiment().optimizer.learning_rate == 3e-3  # Guo et al.'s ReLU learning rate, also under --short
+  parse_gin([os.path.join(SWEEP, "bb", "relu.gin")])
+  assert build_experiment().optimizer.learning_rate == 3e-3
+  for arm in ("softmax", "sigmoid_b0", "sigmoid_norm"):  # the accelerator recipe builds (not trained here)
+    parse_gin([os.path.join(ROOT, "experiments", "gu60m", arm + ".gin")])
+    cfg = build_experiment()
+    assert (cfg.model.d_model, cfg.model.num_layers, cfg.data.seq_len, cfg.data.bos) == (768, 10, 2048, "none")
   with pytest.raises(ValueError, match="unknown arm"):
     discover(SWEEP, arms=["nope"])
 
