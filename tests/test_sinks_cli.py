@@ -16,6 +16,7 @@ from attnlab.cli import main
 from attnlab.configs import build_experiment, parse_gin
 from attnlab.data.bigram_backcopy import BigramBackcopyConfig, default_chain
 from attnlab.data.pipeline import DataConfig, make_dataset
+from tests.test_sinks_report import check_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BB = os.path.join(ROOT, "experiments/bigram_backcopy.gin")
@@ -130,6 +131,11 @@ def test_sweep_two_tiny_arms(tmp_path, capsys):
   assert main(args) == 0
   out = capsys.readouterr().out
   assert "[1/2] bb/softmax: trained" in out and "[2/2] text/softmax: trained" in out
+  last = out.strip().splitlines()[-1]
+  assert last == os.path.join(str(tmp_path), "report.html")  # the sweep's HTML report is the last line
+  links = check_report(last)
+  assert {"sink_table.png", "sink_table.json", "bb/softmax/report.html", "text/softmax/report.html"} <= set(links)
+  check_report(os.path.join(str(tmp_path), "text/softmax/report.html"))
   table = json.load(open(tmp_path / "sink_table.json"))
   assert [(r["task"], r["arm"], r["steps"]) for r in table["rows"]] == [("bb", "softmax", 3), ("text", "softmax", 3)]
   assert "no_bos_sink_rate_proxy" in table["rows"][1] and "probe_ce_unmasked" in table["rows"][0]
