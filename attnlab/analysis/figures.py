@@ -185,20 +185,21 @@ def plot_massive(metrics: Mapping, path: str) -> str | None:
   plt = _plt()
   fig, ax = plt.subplots(figsize=(6.5, 3.2))
   x = np.arange(len(hidden))
-  tops = np.array([np.pad(np.asarray(h["top_abs"], float)[:3], (0, max(0, 3 - len(h["top_abs"]))),
-                          constant_values=np.nan) for h in hidden])
+  tops = np.array([np.pad(np.asarray(h.get("top3_abs_per_seq", h["top_abs"]), float)[:3],
+                          (0, max(0, 3 - len(h.get("top3_abs_per_seq", h["top_abs"])))), constant_values=np.nan)
+                   for h in hidden])
   for i, style in enumerate(("o-", "s--", "^:")):
     ax.plot(x, tops[:, i], style, label=f"top-{i + 1} |h|")
-  ax.plot(x, [h["median_abs"] for h in hidden], "k.-", label="median |h|")
+  ax.plot(x, [h.get("median_abs_per_seq", h["median_abs"]) for h in hidden], "k.-", label="median |h|")
   ax.set_yscale("log")
   ax.set_xticks(x)
   ax.set(xlabel="residual state (0 = embeddings, l = after block l)", ylabel="|activation| (hidden-state units)",
-         title="massive activations (Sun et al. 2024): largest vs median magnitude")
+         title="massive activations (Sun et al. 2024): largest vs median |h|,\nper sequence, mean over probe sequences")
   for i, h in enumerate(hidden):
     ax.annotate(f"t{int(h['top_position'][0]) + 1}/c{int(h['top_channel'][0])}", (i, tops[i, 0]),
                 textcoords="offset points", xytext=(0, 5), ha="center", fontsize=6)
   ax.margins(y=0.25)
-  _legend_outside(ax, title="t = position, c = channel\nof the top entry", title_fontsize=7)
+  _legend_outside(ax, title="label: position t / channel c\nof the largest |h| in the probe", title_fontsize=7)
   fig.tight_layout()
   return _save(fig, path)
 

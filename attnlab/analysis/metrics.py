@@ -214,6 +214,10 @@ def activation_metrics(hidden: jax.Array, *, k: int = 1, top: int = 5) -> dict[s
       "top_position": (idx // dim) % seq,
       "top_channel": idx % dim,
       "median_abs": float(jnp.median(mag)),
+      # per sequence: its top-3 |h| and median |h|, averaged over the probe sequences (Sun et al. Fig. 2's lines)
+      "top3_abs_per_seq": np.asarray(jax.lax.top_k(mag.reshape(mag.shape[0], -1), min(3, seq * dim))[0].mean(0),
+                                     np.float64),
+      "median_abs_per_seq": float(jnp.median(mag.reshape(mag.shape[0], -1), axis=1).mean()),
       "top_to_median": float(vals[0] / jnp.maximum(jnp.median(mag), 1e-12)),
       "massive": bool((vals[0] > MASSIVE_ABS) & (vals[0] >= MASSIVE_FACTOR * jnp.median(mag))),
   }

@@ -65,21 +65,30 @@ def _plt():
   return plt
 
 
-def plot_setting(results: dict, path: str, *, title: str, unit: str, smooth: int = 32) -> str:
-  """NLL against the stream position: full attention (where it fits), window only, sink + window."""
+def plot_setting(results: dict, path: str, *, title: str, unit: str, smooth: int = 32,
+                 capacity: int | None = None) -> str:
+  """NLL against the stream position: full attention (where it fits), sink + window (wide, light) and window only
+  (dashed, on top: the two coincide for a model without a sink)."""
   plt = _plt()
   fig, ax = plt.subplots(figsize=(7, 3.4))
-  styles = {"full": ("k", "-", 1.6), "window": ("C3", "--", 1.3), "sink+window": ("C0", "-", 1.3)}
-  for name, r in results.items():
+  styles = {"full": ("k", "-", 1.4), "window": ("C3", "--", 1.2), "sink+window": ("C0", "-", 3.0)}
+  order = [n for n in ("full", "sink+window", "window") if n in results] + [
+      n for n in results if n not in ("full", "sink+window", "window")]
+  for name in order:
+    r = results[name]
     if r.get("nll_by_position") is None:
       continue
     color, ls, lw = styles.get(name, ("C2", ":", 1.2))
     label = {"full": "full attention", "window": f"window only ({r['policy']})",
              "sink+window": f"sink + window ({r['policy']})"}.get(name, name)
-    ax.plot(*_smooth(r["nll_by_position"], smooth), color=color, ls=ls, lw=lw, label=f"{label}, ppl {r['ppl']:.2f}")
+    ax.plot(*_smooth(r["nll_by_position"], smooth), color=color, ls=ls, lw=lw, alpha=0.5 if lw > 2 else 1.0,
+            label=f"{label}, ppl {r['ppl']:.2f}")
   if "full" in results and results["full"].get("nll_by_position") is None:
-    ax.plot([], [], color="k", label=f"full attention: {results['full']['policy']}")
-  ax.set(xlabel="position in the stream (tokens)", ylabel=f"NLL ({unit}), running mean over {smooth}", title=title)
+    ax.plot([], [], " ", label=f"full attention: n/a ({results['full']['policy']})")
+  if capacity:
+    ax.axvline(capacity, color="gray", ls=":", lw=1, label=f"cache full (position {capacity})")
+  ax.set(xlabel="position in the stream (tokens)", ylabel=f"NLL ({unit}),\nrunning mean over {smooth} tokens",
+         title=title)
   ax.grid(alpha=0.3)
   ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
   fig.savefig(path, dpi=150, bbox_inches="tight")
@@ -139,7 +148,7 @@ def write_run_streaming_report(exp_cfg, workdir: str, eval_graphdef, state, *, l
         with open(os.path.join(out, "streaming.json"), "w") as f:
           json.dump({"window": w, "n_sink": s, "pos_shift": shift, "length": length, "num_streams": num_streams,
                      "results": results}, f, indent=1)
-        plot_setting(results, os.path.join(out, "streaming.png"), unit=unit,
+        plot_setting(results, os.path.join(out, "streaming.png"), unit=unit, capacity=w,
                      title=f"StreamingLLM, cache {w} = {s} sink + {w - s} recent, "
                            f"{'positions in cache' if shift else 'original positions'}")
         rows.append({"window": w, "n_sink": s, "pos_shift": shift, "ppl": res["ppl"], "policy": f"{s}+{w - s}",
