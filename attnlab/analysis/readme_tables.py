@@ -37,7 +37,7 @@ def provenance(path: str, data: dict) -> str:
   if data.get("command"):
     parts.append(f"written by `{data['command']}`")
   if data.get("code"):
-    parts.append(f"on code `{data['code']}`")
+    parts.append(f"arms trained on code `{data['code']}`")
   parts.append(f"at {written}")
   return ", ".join(parts) + "."
 

@@ -110,8 +110,20 @@ def table_row(arm: Arm, workdir: str, steps: int, seconds: float | None, report:
   if no_bos is not None:
     row["no_bos_sink_rate_proxy"] = no_bos["summary"].get("sink_rate_proxy")
     row["no_bos_sink_rate_raw"] = no_bos["summary"].get("sink_rate_raw")
+  row["code"] = read_text(os.path.join(workdir, CODE_FILE))
   row["notes"] = notes(row)
   return row
+
+
+CODE_FILE = "code_version.txt"
+
+
+def read_text(path: str) -> str | None:
+  try:
+    with open(path) as f:
+      return f.read().strip() or None
+  except OSError:
+    return None
 
 
 def notes(row: dict) -> list[str]:
@@ -230,13 +242,15 @@ def write_sweep_html(rows: Sequence[dict], workdir: str, md: str, *, command: st
 
 
 def code_version() -> str:
-  """``git describe``-style id of the attnlab checkout that ran (``<commit>[-dirty]``), or "" outside git."""
+  """Id of the attnlab checkout (``<commit>[-dirty]``, dirty = uncommitted changes under attnlab/ or
+  experiments/), or "" outside git. A sweep records it per arm when the arm trains (``code_version.txt``)."""
   here = os.path.dirname(os.path.abspath(__file__))
   try:
     commit = subprocess.run(["git", "-C", here, "rev-parse", "--short=10", "HEAD"], capture_output=True, text=True,
                             timeout=10, check=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                           text=True, timeout=10, check=True).stdout.strip()
+    root = os.path.dirname(os.path.dirname(here))
+    dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no", "--", "attnlab",
+                            "experiments"], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
   except (OSError, subprocess.SubprocessError):
     return ""
   return commit + ("-dirty" if dirty else "")
@@ -249,8 +263,9 @@ def write_table(rows: Sequence[dict], workdir: str, *, short: bool = False, comm
   with open(os.path.join(workdir, TABLE + ".md"), "w") as f:
     f.write(md)
   with open(os.path.join(workdir, TABLE + ".json"), "w") as f:
-    json.dump({"short": short, "command": command, "code": code_version(), "paper_setup": GU_SETUP, "paper": PAPER,
-               "rows": list(rows)}, f, indent=1)
+    codes = sorted({r["code"] for r in rows if r.get("code")})
+    json.dump({"short": short, "command": command, "code": ", ".join(codes) or code_version(),
+               "paper_setup": GU_SETUP, "paper": PAPER, "rows": list(rows)}, f, indent=1)
   plot_table(rows, os.path.join(workdir, TABLE + ".png"))
   write_sweep_html(rows, workdir, md, command=command)
   return md

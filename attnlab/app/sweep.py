@@ -11,7 +11,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 
-from attnlab.analysis.sweep import Arm, discover, read_json, table_row, write_table
+from attnlab.analysis.sweep import CODE_FILE, Arm, code_version, discover, read_json, table_row, write_table
 from attnlab.analysis.workdir import NO_BOS_DIR, write_run_html, write_sink_reports
 from attnlab.app.train import train_and_evaluate
 from attnlab.app.workdir import load_config
@@ -19,8 +19,9 @@ from attnlab.configs import resolve_path, write_run_configs
 from attnlab.train import check_workdir
 
 
-def run_arm(arm: Arm, workdir: str, bindings: Sequence[str] = ()) -> dict:
-  """Trains (or resumes, or reuses) one arm in ``workdir`` and returns its table row."""
+def run_arm(arm: Arm, workdir: str, bindings: Sequence[str] = (), code: str = "") -> dict:
+  """Trains (or resumes, or reuses) one arm in ``workdir`` and returns its table row; a trained arm records the
+  code version it ran on (``code_version.txt``, the sweep's start)."""
   cfg = load_config(arm.gin_files, bindings)
   check_workdir(workdir, cfg)
   report = read_json(os.path.join(workdir, "sinks.json"))
@@ -29,6 +30,9 @@ def run_arm(arm: Arm, workdir: str, bindings: Sequence[str] = ()) -> dict:
   if trained:
     write_run_configs(workdir, f"# attnlab sweep: {' '.join(arm.gin_files)} {' '.join(bindings)}\n\n")
     result, _ = train_and_evaluate(cfg, workdir)
+    if code:
+      with open(os.path.join(workdir, CODE_FILE), "w") as f:
+        f.write(code + "\n")
     reports = write_sink_reports(cfg, workdir, result.step, result.eval_graphdef, result.state)
     report, no_bos = reports["bos"], reports["no_bos"]
     write_run_html(workdir)
@@ -44,9 +48,10 @@ def run_sweep(sweep_dir: str, workdir: str, *, short: bool = False, tasks: Seque
               log: Callable[[str], None] = print, command: str = "") -> tuple[list[dict], str]:
   """Runs every arm (see the module docstring); returns (rows, Markdown table)."""
   todo = discover(sweep_dir, short=short, tasks=tasks, arms=arms)
+  code = code_version()  # the code every arm trained by this call runs on (modules are imported once)
   rows = []
   for i, arm in enumerate(todo, 1):
-    row = run_arm(arm, os.path.join(workdir, arm.task, arm.name), bindings)
+    row = run_arm(arm, os.path.join(workdir, arm.task, arm.name), bindings, code=code)
     rows.append(row)
     took = f"trained in {row['seconds']:.0f} s" if row["seconds"] is not None else "reused"
     log(f"[{i}/{len(todo)}] {arm.task}/{arm.name}: {took}; loss {row['loss']:.3f}, Sink_1 proxy "
