@@ -40,9 +40,15 @@ def check_report(path: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def bb_run(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp("bb") / "run")
+  """A BB run on a user corpus: one binding, BigramBackcopyConfig.corpus."""
+  root = tmp_path_factory.mktemp("bb")
+  corpus = root / "corpus.txt"
+  corpus.write_text("".join(chr(32 + (i * 7919) % 90) for i in range(30000)))
+  d = str(root / "run")
   assert main(["train", "--gin_file", BB, "--workdir", d, "--gin.TrainConfig.steps=4", "--gin.AnalysisConfig.every=2",
-               "--gin.TrainConfig.checkpoint_every=2", "--gin.TrainConfig.keep_checkpoints=3", *FAST]) == 0
+               "--gin.TrainConfig.checkpoint_every=2", "--gin.TrainConfig.keep_checkpoints=3",
+               f"--gin.BigramBackcopyConfig.corpus='{corpus}'", *FAST]) == 0
+  assert str(corpus) in open(os.path.join(d, "config.gin")).read()
   return d
 
 
