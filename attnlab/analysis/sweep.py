@@ -198,15 +198,18 @@ def plot_table(rows: Sequence[dict], path: str) -> str:
   fig, axes = plt.subplots(len(tasks), 2, figsize=(15, 3.6 * len(tasks)), squeeze=False)
   panels = (((("sink_rate_proxy", "Gu proxy"), ("sink_rate_raw", "raw weights")), "Sink$_1^{0.3}$ (% of heads)",
              (0, 100)),
-            ((("first_token_attn_raw", "raw weight on token 1"), ("sink_mass", "weight on the learned sink")),
+            ((("first_token_attn_raw", "raw weight on token 1"), ("sink_mass", "weight on the learned sink (arms with one)")),
              "attention weight (0-1)", (0, 1)))
   for row_axes, task in zip(axes, tasks):
     trs = [r for r in rows if r["task"] == task]
     x = np.arange(len(trs))
     for ax, (series, ylabel, ylim) in zip(row_axes, panels):
       for i, (key, label) in enumerate(series):
-        bars = ax.bar(x + (i - 0.5) * 0.38, [r.get(key) or 0.0 for r in trs], 0.38, label=label)
-        ax.bar_label(bars, fmt="%.0f" if ylim[1] == 100 else "%.2f", fontsize=6, padding=1)
+        shown = [key != "sink_mass" or bool(r.get("learned_sink")) for r in trs]  # no slot: no bar, no label
+        vals = [(r.get(key) or 0.0) if ok else 0.0 for r, ok in zip(trs, shown)]
+        bars = ax.bar(x + (i - 0.5) * 0.38, vals, 0.38, label=label)
+        fmt = "{:.0f}" if ylim[1] == 100 else "{:.2f}"
+        ax.bar_label(bars, labels=[fmt.format(v) if ok else "" for v, ok in zip(vals, shown)], fontsize=6, padding=1)
       if ylim == (0, 1):
         seq = trs[0].get("probe_seq", 64)
         ax.axhline(figures.uniform_first_token_weight(seq), color="gray", ls=":", lw=1,
