@@ -1,10 +1,12 @@
 """The ``attnlab`` command line (t5x-style gin flags).
 
     attnlab train --gin_file experiments/X.gin [--gin_file more.gin] [--gin.KEY=VALUE ...] --workdir DIR [--force]
-    attnlab eval  --workdir DIR [--gin_file ...] [--gin.KEY=VALUE ...]   (defaults to DIR/config.gin)
-    attnlab sinks --workdir DIR [--gin_file ...] [--gin.KEY=VALUE ...]  (sink report: sinks.json + PNGs in DIR)
-    attnlab stream --workdir DIR [--length 512] [--streams 4] [--window W] [--sinks 4]
-                  (StreamingLLM table: full / window-only / sink + window perplexity, DIR/streaming/)
+    attnlab eval  --workdir DIR [--step N] [--gin_file ...] [--gin.KEY=VALUE ...]   (defaults to DIR/config.gin)
+    attnlab sinks --workdir DIR [--step N] [--probe_file F] [--bos on|off|both] [--all_steps]
+                  (sink report: sinks.json + PNGs + report.html; the last line printed is the report's path)
+    attnlab stream --workdir DIR [--length 512] [--streams 4] [--window W ...] [--sinks 1 4 ...]
+                  [--pos_shift on|off|both]   (StreamingLLM: full / window / sink + window, one subdirectory of
+                  DIR/streaming/ per setting)
     attnlab sweep [--sweep experiments/sinks] --workdir DIR [--short] [--tasks bb,text] [--arms softmax,relu]
                   [--gin.KEY=VALUE ...]   (train + analyse every arm; DIR/sink_table.{md,json,png})
     attnlab demo  [--workdir runs/demo]   (= make demo: attnlab sweep --short, ~10 min on a 2-core CPU)
@@ -81,11 +83,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gin_bindings", action="append", default=[], help="a gin binding 'KEY = VALUE'")
     p.add_argument("--gin_search_path", action="append", default=[], help="directory for gin includes")
     p.add_argument("--workdir", required=True)
+    if name in ("eval", "sinks", "generate"):
+      p.add_argument("--step", type=int, help="the kept checkpoint to use (default: the newest)")
+    if name == "sinks":
+      p.add_argument("--probe_file", help="probe your own text: .txt (paragraphs), .jsonl/.json/.parquet "
+                     "(DataConfig.text_field) or .prompts (one per line); default: the run's held-out split")
+      p.add_argument("--bos", choices=("on", "off", "both"),
+                     help="probe with BOS, without it, or both (default: on for synthetic tasks, both for text)")
+      p.add_argument("--all_steps", action="store_true",
+                     help="also the sink metrics over every kept checkpoint (sinks_over_steps.json/.png)")
     if name == "stream":
       p.add_argument("--length", type=int, default=512, help="tokens per stream")
       p.add_argument("--streams", type=int, default=4, help="number of held-out streams")
-      p.add_argument("--window", type=int, help="cache size (default: the training length)")
-      p.add_argument("--sinks", type=int, default=4, help="initial tokens kept by the sink + window cache")
+      p.add_argument("--window", type=int, nargs="+", help="cache size(s) (default: the training length)")
+      p.add_argument("--sinks", type=int, nargs="+", default=[4],
+                     help="initial tokens kept by the sink + window cache (several values: one setting each)")
+      p.add_argument("--pos_shift", choices=("on", "off", "both"), default="on",
+                     help="positions inside the cache (StreamingLLM) or the original ones, or both")
     if name == "generate":
       p.add_argument("--prompt", help="prompt text")
       p.add_argument("--prompt_file", help="file holding the prompt (UTF-8)")
@@ -94,7 +108,6 @@ def _parser() -> argparse.ArgumentParser:
       p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
       p.add_argument("--top_k", type=int)
       p.add_argument("--seed", type=int, default=0)
-      p.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
     if name not in ("eval", "sinks", "stream", "generate"):
       p.add_argument("--force", action="store_true", help="resume even if the workdir holds another config")
     g = p.add_argument_group("multi-process (jax.distributed)")
@@ -123,12 +136,13 @@ def _run(args, bindings: list[str]) -> int:
                          command_line=f"import {' '.join(shlex.quote(a) for a in sys.argv[2:])}")
   if args.command == "eval":
     return evaluate.run(args.workdir, args.gin_file, bindings, search_paths=args.gin_search_path,
-                        distributed=_distributed(args))
+                        distributed=_distributed(args), step=args.step)
   if args.command == "sinks":
-    return sinks.run(args.workdir, args.gin_file, bindings, search_paths=args.gin_search_path)
+    return sinks.run(args.workdir, args.gin_file, bindings, search_paths=args.gin_search_path, step=args.step,
+                     probe_file=args.probe_file, bos=args.bos, all_steps=args.all_steps)
   if args.command == "stream":
     return stream.run(args.workdir, args.gin_file, bindings, search_paths=args.gin_search_path, length=args.length,
-                      num_streams=args.streams, window=args.window, n_sink=args.sinks)
+                      num_streams=args.streams, windows=args.window, n_sinks=args.sinks, pos_shift=args.pos_shift)
   if args.command == "generate":
     return generate.run(args.workdir, args.gin_file, bindings, prompt=args.prompt, prompt_file=args.prompt_file,
                         max_new_tokens=args.max_new_tokens, cache=args.cache, temperature=args.temperature,

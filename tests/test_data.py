@@ -108,7 +108,8 @@ def test_datasets_offline_local_files(local_files, monkeypatch):
   monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
   d, docs = local_files
   from attnlab.data import sources
-  assert sources.local_documents("files", (str(d / "a.txt"),)) == docs[:32]
+  assert sources.local_documents("files", (str(d / "a.txt"),), text_documents="line") == docs[:32]
+  assert sources.local_documents("files", (str(d / "a.txt"),)) == ["\n".join(docs[:32]).strip()]  # one paragraph
   assert sources.local_documents("files", (str(d / "b.jsonl"),)) == docs[32:]
   assert sources.local_documents("parquet", (str(d / "c.parquet"),), "content") == docs
   it = make_dataset(DataConfig(source="files", paths=(str(d / "a.txt"),), seq_len=32, batch_size=2))
@@ -139,3 +140,41 @@ def test_missing_or_empty_files_are_named(local_files):
   for path, msg in ((d / "nope.txt", "does not exist"), (d / "empty.txt", "is empty")):
     with pytest.raises(ValueError, match=msg):
       make_dataset(DataConfig(source="text", paths=(str(path),), seq_len=32, batch_size=2))
+
+
+def test_plain_text_documents_by_paragraph_or_size(tmp_path, monkeypatch):
+  monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+  from attnlab.data import sources
+  paras = [f"paragraph {i}\nsecond line of {i}" for i in range(40)]
+  f = tmp_path / "book.txt"
+  f.write_text("\n\n".join(paras) + "\n")
+  assert sources.local_documents("files", (str(f),)) == paras
+  by_size = sources.local_documents("files", (str(f),), text_documents="size", doc_chars=100)
+  assert 5 < len(by_size) < 40 and all(len(d) <= 100 for d in by_size)
+  assert "".join(by_size).replace("\n", "") == "".join(paras).replace("\n", "")
+  # a held-out split exists (the probe used to fail with "no complete held-out row" on one-line documents)
+  cfg = DataConfig(source="files", paths=(str(f),), seq_len=16, batch_size=2, heldout_every=4)
+  assert make_dataset(cfg, split="validation").num_rows > 0
+  with pytest.raises(ValueError, match="text_documents"):
+    DataConfig(source="files", paths=(str(f),), text_documents="sentence")
+
+
+def test_bos_modes_and_random_offsets():
+  from attnlab.data.packing import pack_documents
+  docs = [np.arange(10, 30, dtype=np.int32), np.arange(40, 45, dtype=np.int32)]
+  ids = dict(bos_id=BOS_ID, eos_id=EOS_ID, pad_id=0)
+  chunk, _ = pack_documents(docs, 8, **ids)
+  assert (chunk[:, 0] == BOS_ID).all()
+  doc, _ = pack_documents(docs, 8, bos="document", **ids)
+  assert doc[0, 0] == BOS_ID and doc[1, 0] != BOS_ID and (doc == BOS_ID).sum() == 2
+  none, _ = pack_documents(docs, 8, bos="none", **ids)
+  assert not (none == BOS_ID).any() and none[0, 0] == 10
+  it = make_dataset(DataConfig(seq_len=32, batch_size=4, row_offsets="random", bos="document"))
+  b1, b2 = next(it), next(it)
+  assert b1["inputs"].shape == (4, 32) and not np.array_equal(b1["inputs"], b2["inputs"])
+  assert (b1["inputs"][:, 0] != BOS_ID).any()  # rows rarely start at a document start
+  it.set_state({"step": 1})
+  np.testing.assert_array_equal(next(it)["inputs"], b2["inputs"])
+  assert make_dataset(DataConfig(seq_len=32, batch_size=4, row_offsets="random"), split="validation").num_rows > 0
+  with pytest.raises(ValueError, match="bos"):
+    DataConfig(bos="sometimes")

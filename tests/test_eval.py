@@ -47,9 +47,12 @@ def test_run_evaluation_writes_eval_json_and_plot(setup, tmp_path):
   on_disk = json.loads((tmp_path / "eval.json").read_text())
   assert on_disk["step"] == 0 and (tmp_path / "length_extrapolation.png").stat().st_size > 0
   rows = on_disk["length_extrapolation"]
-  assert [r["seq_len"] for r in rows] == [32, 64, 256]
-  assert "skipped" in rows[2] and "max_seq_len" in rows[2]["skipped"]  # 8x > max_seq_len 128
-  assert np.isfinite(rows[1]["bits_per_byte"])
+  assert [r["seq_len"] for r in rows] == [8, 16, 32, 64, 256]  # 1/4x and 1/2x, then the factors
+  assert "skipped" in rows[4] and "max_seq_len" in rows[4]["skipped"]  # 8x > max_seq_len 128
+  assert np.isfinite(rows[3]["bits_per_byte"])
+  held = on_disk["heldout"]
+  assert held["split"] == "validation" and held["num_batches"] == cfg.eval.num_batches and held["seq_len"] == 32
+  assert f"validation/loss_nats_per_token@{cfg.eval.num_batches}_batches" in on_disk["metrics"]
   assert on_disk["passkey"][0]["seq_len"] == 128 and 0 <= on_disk["passkey"][0]["accuracy"] <= 1
   assert on_disk["passkey"][0]["inference"] == "forward" and "passkey_table" in on_disk
   assert (tmp_path / on_disk["passkey_plot"]).stat().st_size > 0

@@ -16,6 +16,7 @@ from attnlab.cli import main
 from attnlab.configs import build_experiment, parse_gin
 from attnlab.data.bigram_backcopy import BigramBackcopyConfig, default_chain
 from attnlab.data.pipeline import DataConfig, make_dataset
+from tests.test_sinks_report import check_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BB = os.path.join(ROOT, "experiments/bigram_backcopy.gin")
@@ -60,6 +61,16 @@ def test_every_sweep_arm_builds():
     parse_gin(list(arm.gin_files))
     cfg = build_experiment()
     assert cfg.analysis.every > 0 and cfg.data.seq_len == 64
+  relu = [a for a in arms if a.task == "bb" and a.name == "relu"][0]
+  assert relu.gin_files[-1].endswith("_short_relu.gin")
+  parse_gin(list(relu.gin_files))
+  assert build_experiment().optimizer.learning_rate == 3e-3  # Guo et al.'s ReLU learning rate, also under --short
+  parse_gin([os.path.join(SWEEP, "bb", "relu.gin")])
+  assert build_experiment().optimizer.learning_rate == 3e-3
+  for arm in ("softmax", "sigmoid_b0", "sigmoid_norm"):  # the accelerator recipe builds (not trained here)
+    parse_gin([os.path.join(ROOT, "experiments", "gu60m", arm + ".gin")])
+    cfg = build_experiment()
+    assert (cfg.model.d_model, cfg.model.num_layers, cfg.data.seq_len, cfg.data.bos) == (768, 10, 2048, "none")
   with pytest.raises(ValueError, match="unknown arm"):
     discover(SWEEP, arms=["nope"])
 
@@ -120,6 +131,11 @@ def test_sweep_two_tiny_arms(tmp_path, capsys):
   assert main(args) == 0
   out = capsys.readouterr().out
   assert "[1/2] bb/softmax: trained" in out and "[2/2] text/softmax: trained" in out
+  last = out.strip().splitlines()[-1]
+  assert last == os.path.join(str(tmp_path), "report.html")  # the sweep's HTML report is the last line
+  links = check_report(last)
+  assert {"sink_table.png", "sink_table.json", "bb/softmax/report.html", "text/softmax/report.html"} <= set(links)
+  check_report(os.path.join(str(tmp_path), "text/softmax/report.html"))
   table = json.load(open(tmp_path / "sink_table.json"))
   assert [(r["task"], r["arm"], r["steps"]) for r in table["rows"]] == [("bb", "softmax", 3), ("text", "softmax", 3)]
   assert "no_bos_sink_rate_proxy" in table["rows"][1] and "probe_ce_unmasked" in table["rows"][0]

@@ -50,3 +50,27 @@ def test_build_chain_and_errors():
     build_chain("abc", num_chars=10)
   with pytest.raises(ValueError, match="positive"):
     BigramBackcopy(0, 4)
+
+
+def test_bigram_backcopy_on_a_user_corpus(tmp_path, monkeypatch):
+  """One binding, BigramBackcopyConfig.corpus, swaps the chain's corpus (text file or any datasets file)."""
+  import json as _json
+  monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+  from attnlab.data import DataConfig, make_dataset
+  from attnlab.data.bigram_backcopy import BigramBackcopyConfig, default_chain
+  text = "".join(chr(33 + (i * 7919) % 70) + (" " if i % 5 == 0 else "") for i in range(20000))
+  f = tmp_path / "corpus.txt"
+  f.write_text(text)
+  cfg = BigramBackcopyConfig(corpus=str(f))
+  chain = cfg.chain
+  assert chain.vocab_size == 67 and chain.chars != default_chain().chars
+  assert chain.chars[chain.triggers[0]] == " "  # the most frequent character of this corpus
+  batch = next(make_dataset(DataConfig(source="synthetic", task=cfg, seq_len=32, batch_size=2)))
+  assert batch["inputs"].max() < 67
+  j = tmp_path / "corpus.jsonl"
+  j.write_text("".join(_json.dumps({"body": text[i:i + 1000]}) + "\n" for i in range(0, len(text), 1000)))
+  assert BigramBackcopyConfig(corpus=str(j), corpus_field="body").chain.chars == chain.chars
+  with pytest.raises(ValueError, match="num_chars"):
+    small = tmp_path / "small.txt"
+    small.write_text("abcabc")
+    BigramBackcopyConfig(corpus=str(small)).chain

@@ -190,8 +190,18 @@ def layer_metrics(columns: Columns, *, k: int = 1, eps: float = 0.3, query_mask:
   return {name: np.asarray(v, np.float64) for name, v in out.items()}
 
 
+MASSIVE_ABS, MASSIVE_FACTOR = 100.0, 1000.0  # Sun et al. 2024 §2: |h| > 100 and ~1000x the median magnitude
+
+
 def activation_metrics(hidden: jax.Array, *, k: int = 1, top: int = 5) -> dict[str, Any]:
-  """Massive activations of one residual state (batch, seq, d_model): first-token norm ratio and top |h| entries."""
+  """Massive activations of one residual state (batch, seq, d_model): first-token norm ratio and top |h| entries.
+
+  Sun et al. 2024 ("Massive Activations in Large Language Models", arXiv 2402.17762) compare the largest
+  magnitudes of a layer's hidden states with the median magnitude (their Fig. 1/2) and call an activation massive
+  when ``|h| > 100`` and about 1000x the median: ``top_to_median`` is that ratio for the top entry, ``massive``
+  their criterion; ``top_position``/``top_channel`` say where the top entries sit (position in the sequence,
+  hidden dimension).
+  """
   mag = jnp.abs(hidden.astype(jnp.float32))
   flat = mag.reshape(-1)
   top = min(top, flat.shape[0])
@@ -204,6 +214,12 @@ def activation_metrics(hidden: jax.Array, *, k: int = 1, top: int = 5) -> dict[s
       "top_position": (idx // dim) % seq,
       "top_channel": idx % dim,
       "median_abs": float(jnp.median(mag)),
+      # per sequence: its top-3 |h| and median |h|, averaged over the probe sequences (Sun et al. Fig. 2's lines)
+      "top3_abs_per_seq": np.asarray(jax.lax.top_k(mag.reshape(mag.shape[0], -1), min(3, seq * dim))[0].mean(0),
+                                     np.float64),
+      "median_abs_per_seq": float(jnp.median(mag.reshape(mag.shape[0], -1), axis=1).mean()),
+      "top_to_median": float(vals[0] / jnp.maximum(jnp.median(mag), 1e-12)),
+      "massive": bool((vals[0] > MASSIVE_ABS) & (vals[0] >= MASSIVE_FACTOR * jnp.median(mag))),
   }
 
 
@@ -243,4 +259,5 @@ def summarize(layers: Sequence[Mapping[str, np.ndarray]],
       out[key] = float(np.mean(vals))
   if len(hidden) > 1:  # hidden[0] is the embedding output; the blocks' outputs follow
     out["massive_ratio"] = float(max(h["norm_ratio"] for h in hidden[1:]))
+    out["top_to_median"] = float(max(h["top_to_median"] for h in hidden[1:]))
   return out

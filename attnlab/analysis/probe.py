@@ -5,6 +5,12 @@ DataConfig.seq_len)`` tokens: with BOS (``<s> x_1 .. x_{T-1}``, what the model w
 (``x_1 .. x_T``, Gu et al.'s setting for models trained without BOS). A synthetic task may define
 ``probe_query_mask(inputs)`` to restrict first-token attention to some queries (Bigram-Backcopy: the non-trigger
 positions, Guo et al.'s ``Attn_<s>``).
+
+:func:`file_probe` builds the probe from your own text instead (``attnlab sinks --probe_file F``): a plain-text file
+(documents by paragraph, or ``DataConfig.text_documents``), a JSONL/JSON/parquet file (``DataConfig.text_field``),
+or a prompt file (``.prompts``/``.lst``: one prompt per line). Each document gives one sequence of its first
+``T`` tokens (with BOS: ``<s>`` + the first ``T - 1``); shorter documents are skipped. A Bigram-Backcopy run
+encodes the text with its chain's characters (characters outside the chain map to its "other" token).
 """
 
 from __future__ import annotations
@@ -19,8 +25,11 @@ from flax import nnx
 from attnlab.analysis.config import AnalysisConfig
 from attnlab.analysis.metrics import model_metrics
 from attnlab.analysis.report import history_record
+from attnlab.data import sources
 from attnlab.data.pipeline import make_dataset
 from attnlab.data.tokenizer import make_tokenizer
+
+PROMPT_EXTS = (".prompts", ".lst")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,9 +62,60 @@ def probe_batch(data_cfg, cfg: AnalysisConfig, *, bos: bool = True, tokenizer=No
   if not rows:
     raise ValueError("no complete held-out row to build the sink probe from (rows must hold one document)")
   full = np.stack(rows[:cfg.num_sequences])
-  tokens = (full[:, :seq] if bos else full[:, 1:]).astype(np.int32)
+  bos_id = _bos_id(data_cfg, tokenizer)
+  if (full[:, 0] == bos_id).all():  # rows start with BOS (DataConfig.bos = "chunk"): drop it for no-BOS
+    tokens = full[:, :seq] if bos else full[:, 1:]
+  else:  # rows without BOS (DataConfig.bos = "none"/"document"): add it for the with-BOS probe
+    tokens = np.concatenate([np.full((len(full), 1), bos_id), full[:, :seq - 1]], 1) if bos else full[:, :seq]
+  return _with_mask(data_cfg, tokens.astype(np.int32), bos)
+
+
+def _bos_id(data_cfg, tokenizer) -> int:
+  chain = getattr(data_cfg.task, "chain", None)
+  return chain.bos_id if chain is not None else tokenizer.bos_id
+
+
+def _with_mask(data_cfg, tokens: np.ndarray, bos: bool) -> Probe:
   mask_fn = getattr(data_cfg.task, "probe_query_mask", None)
   return Probe(tokens, None if mask_fn is None else np.asarray(mask_fn(tokens), bool), bos)
+
+
+def read_probe_documents(path: str, data_cfg) -> list[str]:
+  """The documents of a probe file (see the module docstring)."""
+  sources.check_files((path,))
+  if path.lower().endswith(PROMPT_EXTS):
+    with open(path, encoding="utf-8") as f:
+      return [line.rstrip("\n") for line in f if line.strip()]
+  return sources.local_documents("files", (path,), data_cfg.text_field, text_documents=data_cfg.text_documents,
+                                 doc_chars=data_cfg.doc_chars)
+
+
+def encode_text(data_cfg, text: str, tokenizer=None) -> np.ndarray:
+  """``text`` in the run's vocabulary: the tokenizer's, or a Bigram-Backcopy chain's characters."""
+  chain = getattr(data_cfg.task, "chain", None)
+  if chain is not None:
+    index = {c: i for i, c in enumerate(chain.chars)}
+    return np.array([index.get(c, len(chain.chars) - 1) for c in text], np.int32)
+  return np.asarray((tokenizer or make_tokenizer(data_cfg.tokenizer)).encode(text), np.int32)
+
+
+def file_probe(path: str, data_cfg, cfg: AnalysisConfig, *, bos: bool = True, tokenizer=None) -> Probe:
+  """Up to ``cfg.num_sequences`` probe sequences of ``T = min(cfg.seq_len, DataConfig.seq_len)`` tokens from
+  the documents of ``path``."""
+  tokenizer = tokenizer or make_tokenizer(data_cfg.tokenizer)
+  seq = min(cfg.seq_len, data_cfg.seq_len)
+  bos_id = _bos_id(data_cfg, tokenizer)
+  rows = []
+  for doc in read_probe_documents(path, data_cfg):
+    ids = encode_text(data_cfg, doc, tokenizer)
+    if len(ids) >= seq:
+      rows.append(np.concatenate([[bos_id], ids[:seq - 1]]) if bos else ids[:seq])
+    if len(rows) >= cfg.num_sequences:
+      break
+  if not rows:
+    raise ValueError(f"probe file {path!r} has no document of at least {seq} tokens (AnalysisConfig.seq_len); "
+                     "use longer documents or set DataConfig.text_documents")
+  return _with_mask(data_cfg, np.stack(rows).astype(np.int32), bos)
 
 
 @functools.lru_cache(maxsize=16)

@@ -2,6 +2,7 @@
 
 A sweep directory holds one folder per task with one gin file per arm (``experiments/sinks/bb/softmax.gin``,
 ``experiments/sinks/text/relu.gin``, ...); a task folder's ``_short.gin`` holds the overrides of ``--short``.
+A ``<task>/_short_<arm>.gin`` is applied after ``_short.gin`` for that arm only (per-arm learning rates).
 Each arm trains in ``WORKDIR/<task>/<arm>`` and gets its sink report (:mod:`attnlab.analysis.workdir`); its
 table row is :func:`table_row`.
 The comparison goes to ``WORKDIR/sink_table.{md,json,png}``: final loss, Gu's ``Sink_1^0.3`` on the proxy AND on
@@ -17,10 +18,12 @@ import glob
 import json
 import math
 import os
+import subprocess
 from collections.abc import Sequence
 
 import numpy as np
 
+from attnlab.analysis import figures, html
 from attnlab.analysis.paper import GU_SETUP, PAPER, paper_cell
 
 SHORT_FILE = "_short.gin"
@@ -74,7 +77,9 @@ def discover(sweep_dir: str, *, short: bool = False, tasks: Sequence[str] | None
     for name in names:
       if arms and name not in arms:
         continue
-      files = (os.path.join(folder, name + ".gin"),) + ((short_file,) if short else ())
+      arm_short = os.path.join(folder, f"_short_{name}.gin")  # per-arm overrides of --short (e.g. a learning rate)
+      files = (os.path.join(folder, name + ".gin"),) + ((short_file,) if short else ()) + (
+          (arm_short,) if short and os.path.isfile(arm_short) else ())
       out.append(Arm(task, name, files))
   if arms:
     missing = sorted(set(arms) - {a.name for a in out})
@@ -97,7 +102,7 @@ def table_row(arm: Arm, workdir: str, steps: int, seconds: float | None, report:
               evaluation: dict) -> dict:
   """One arm's table row from its sink reports (with and without BOS) and its ``eval.json``."""
   row = {"task": arm.task, "arm": arm.name, "label": ARM_LABELS.get(arm.name, arm.name), "workdir": workdir,
-         "steps": steps, "seconds": seconds,
+         "steps": steps, "seconds": seconds, "probe_seq": report["probe"]["seq"],
          "loss": (evaluation.get("heldout") or {}).get("loss", float("nan")), **report["summary"],
          **{f"probe_{k}": v for k, v in report.get("probe_loss", {}).items()},
          "learned_sink": any(a.get(f) for a in report.get("attention", []) for f in ("sink_logit", "sink_token",
@@ -105,8 +110,20 @@ def table_row(arm: Arm, workdir: str, steps: int, seconds: float | None, report:
   if no_bos is not None:
     row["no_bos_sink_rate_proxy"] = no_bos["summary"].get("sink_rate_proxy")
     row["no_bos_sink_rate_raw"] = no_bos["summary"].get("sink_rate_raw")
+  row["code"] = read_text(os.path.join(workdir, CODE_FILE))
   row["notes"] = notes(row)
   return row
+
+
+CODE_FILE = "code_version.txt"
+
+
+def read_text(path: str) -> str | None:
+  try:
+    with open(path) as f:
+      return f.read().strip() or None
+  except OSError:
+    return None
 
 
 def notes(row: dict) -> list[str]:
@@ -174,37 +191,84 @@ def format_table(rows: Sequence[dict], *, short: bool = False) -> str:
 
 
 def plot_table(rows: Sequence[dict], path: str) -> str:
-  """Grouped bars per task: Sink_1 proxy and raw (%), raw first-token weight and learned-sink mass (x100)."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
+  """Per task: Sink_1 (%) on the proxy and on raw weights; and the raw first-token weight and learned-sink mass
+  (0-1) with the uniform-attention reference. One quantity per axis, legends outside the bars."""
+  plt = figures._plt()
   tasks = list(dict.fromkeys(r["task"] for r in rows))
-  series = (("sink_rate_proxy", "Sink_1 proxy %", 1.0), ("sink_rate_raw", "Sink_1 raw %", 1.0),
-            ("first_token_attn_raw", "raw first-token weight x100", 100.0),
-            ("sink_mass", "learned-sink mass x100", 100.0))
-  fig, axes = plt.subplots(len(tasks), 1, figsize=(11, 3.4 * len(tasks)), squeeze=False)
-  for ax, task in zip(axes[:, 0], tasks):
+  fig, axes = plt.subplots(len(tasks), 2, figsize=(15, 3.6 * len(tasks)), squeeze=False)
+  panels = (((("sink_rate_proxy", "Gu proxy"), ("sink_rate_raw", "raw weights")), "Sink$_1^{0.3}$ (% of heads)",
+             (0, 100)),
+            ((("first_token_attn_raw", "raw weight on token 1"), ("sink_mass", "weight on the learned sink (arms with one)")),
+             "attention weight (0-1)", (0, 1)))
+  for row_axes, task in zip(axes, tasks):
     trs = [r for r in rows if r["task"] == task]
     x = np.arange(len(trs))
-    for i, (key, label, scale) in enumerate(series):
-      ax.bar(x + (i - 1.5) * 0.2, [scale * (r.get(key) or 0.0) for r in trs], 0.2, label=label)
-    ax.set_xticks(x, [r["arm"] for r in trs], rotation=30, ha="right", fontsize=8)
-    ax.set(ylim=(0, 105), title=TASK_LABELS.get(task, task))
-    ax.legend(fontsize=7, ncol=4)
+    for ax, (series, ylabel, ylim) in zip(row_axes, panels):
+      for i, (key, label) in enumerate(series):
+        shown = [key != "sink_mass" or bool(r.get("learned_sink")) for r in trs]  # no slot: no bar, no label
+        vals = [(r.get(key) or 0.0) if ok else 0.0 for r, ok in zip(trs, shown)]
+        bars = ax.bar(x + (i - 0.5) * 0.38, vals, 0.38, label=label)
+        fmt = "{:.0f}" if ylim[1] == 100 else "{:.2f}"
+        ax.bar_label(bars, labels=[fmt.format(v) if ok else "" for v, ok in zip(vals, shown)], fontsize=6, padding=1)
+      if ylim == (0, 1):
+        seq = trs[0].get("probe_seq", 64)
+        ax.axhline(figures.uniform_first_token_weight(seq), color="gray", ls=":", lw=1,
+                   label=f"uniform attention (T = {seq})")
+      ax.set_xticks(x, [r["arm"] for r in trs], rotation=30, ha="right", fontsize=8)
+      ax.set(ylim=(0, ylim[1] * 1.08), ylabel=ylabel, title=TASK_LABELS.get(task, task))
+      ax.set_yticks(np.linspace(0, ylim[1], 6))
+      ax.title.set_fontsize(9)
+      figures._legend_outside(ax)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return figures._save(fig, path)
 
 
-def write_table(rows: Sequence[dict], workdir: str, *, short: bool = False) -> str:
-  """Writes ``sink_table.md/.json/.png`` to ``workdir``; returns the Markdown."""
+def write_sweep_html(rows: Sequence[dict], workdir: str, md: str, *, command: str = "") -> str:
+  """``workdir/report.html``: the comparison table, its figure, a link to every arm's report and the JSON."""
+  body = []
+  if command:
+    body.append(f"<p>Command: <code>{html.esc(command)}</code></p>")
+  body += ["<h2>Comparison</h2>", html.markdown_table(md),
+           html.figure(TABLE + ".png", "Sink_1 (%) and first-token / learned-sink weights per arm.")]
+  body.append("<h2>Arms</h2>")
+  arm_rows = []
+  for r in rows:
+    rep = os.path.join(r["workdir"], "report.html")
+    arm_rows.append((f"{r['task']}/{r['arm']}: report", html.rel(rep, workdir)))
+    cfg = os.path.join(r["workdir"], "operative_config.gin")
+    if os.path.exists(cfg):
+      arm_rows.append((f"{r['task']}/{r['arm']}: operative config", html.rel(cfg, workdir)))
+  body.append(html.links(html.existing(workdir, [(label, os.path.join(workdir, href)) for label, href in arm_rows])))
+  body += ["<h2>Files</h2>", html.links(html.existing(workdir, [(TABLE + ".json", os.path.join(workdir, TABLE + ".json")),
+                                                                 (TABLE + ".md", os.path.join(workdir, TABLE + ".md"))]))]
+  return html.write(os.path.join(workdir, "report.html"), f"attnlab sink sweep: {os.path.abspath(workdir)}", body)
+
+
+def code_version() -> str:
+  """Id of the attnlab checkout (``<commit>[-dirty]``, dirty = uncommitted changes under attnlab/ or
+  experiments/), or "" outside git. A sweep records it per arm when the arm trains (``code_version.txt``)."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  try:
+    commit = subprocess.run(["git", "-C", here, "rev-parse", "--short=10", "HEAD"], capture_output=True, text=True,
+                            timeout=10, check=True).stdout.strip()
+    root = os.path.dirname(os.path.dirname(here))
+    dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no", "--", "attnlab",
+                            "experiments"], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return ""
+  return commit + ("-dirty" if dirty else "")
+
+
+def write_table(rows: Sequence[dict], workdir: str, *, short: bool = False, command: str = "") -> str:
+  """Writes ``sink_table.md/.json/.png`` and ``report.html`` to ``workdir``; returns the Markdown."""
   os.makedirs(workdir, exist_ok=True)
   md = format_table(rows, short=short)
   with open(os.path.join(workdir, TABLE + ".md"), "w") as f:
     f.write(md)
   with open(os.path.join(workdir, TABLE + ".json"), "w") as f:
-    json.dump({"short": short, "paper_setup": GU_SETUP, "paper": PAPER, "rows": list(rows)}, f, indent=1)
+    codes = sorted({r["code"] for r in rows if r.get("code")})
+    json.dump({"short": short, "command": command, "code": ", ".join(codes) or code_version(),
+               "paper_setup": GU_SETUP, "paper": PAPER, "rows": list(rows)}, f, indent=1)
   plot_table(rows, os.path.join(workdir, TABLE + ".png"))
+  write_sweep_html(rows, workdir, md, command=command)
   return md

@@ -11,16 +11,17 @@ import os
 import time
 from collections.abc import Callable, Sequence
 
-from attnlab.analysis.sweep import Arm, discover, read_json, table_row, write_table
-from attnlab.analysis.workdir import NO_BOS_DIR, write_sink_reports
+from attnlab.analysis.sweep import CODE_FILE, Arm, code_version, discover, read_json, table_row, write_table
+from attnlab.analysis.workdir import NO_BOS_DIR, write_run_html, write_sink_reports
 from attnlab.app.train import train_and_evaluate
 from attnlab.app.workdir import load_config
 from attnlab.configs import resolve_path, write_run_configs
 from attnlab.train import check_workdir
 
 
-def run_arm(arm: Arm, workdir: str, bindings: Sequence[str] = ()) -> dict:
-  """Trains (or resumes, or reuses) one arm in ``workdir`` and returns its table row."""
+def run_arm(arm: Arm, workdir: str, bindings: Sequence[str] = (), code: str = "") -> dict:
+  """Trains (or resumes, or reuses) one arm in ``workdir`` and returns its table row; a trained arm records the
+  code version it ran on (``code_version.txt``, the sweep's start)."""
   cfg = load_config(arm.gin_files, bindings)
   check_workdir(workdir, cfg)
   report = read_json(os.path.join(workdir, "sinks.json"))
@@ -29,8 +30,12 @@ def run_arm(arm: Arm, workdir: str, bindings: Sequence[str] = ()) -> dict:
   if trained:
     write_run_configs(workdir, f"# attnlab sweep: {' '.join(arm.gin_files)} {' '.join(bindings)}\n\n")
     result, _ = train_and_evaluate(cfg, workdir)
+    if code:
+      with open(os.path.join(workdir, CODE_FILE), "w") as f:
+        f.write(code + "\n")
     reports = write_sink_reports(cfg, workdir, result.step, result.eval_graphdef, result.state)
     report, no_bos = reports["bos"], reports["no_bos"]
+    write_run_html(workdir)
   else:
     no_bos = read_json(os.path.join(workdir, NO_BOS_DIR, "sinks.json"))
   seconds = round(time.perf_counter() - t0, 1) if trained else None
@@ -40,26 +45,45 @@ def run_arm(arm: Arm, workdir: str, bindings: Sequence[str] = ()) -> dict:
 
 def run_sweep(sweep_dir: str, workdir: str, *, short: bool = False, tasks: Sequence[str] | None = None,
               arms: Sequence[str] | None = None, bindings: Sequence[str] = (),
-              log: Callable[[str], None] = print) -> tuple[list[dict], str]:
+              log: Callable[[str], None] = print, command: str = "") -> tuple[list[dict], str]:
   """Runs every arm (see the module docstring); returns (rows, Markdown table)."""
   todo = discover(sweep_dir, short=short, tasks=tasks, arms=arms)
+  code = code_version()  # the code every arm trained by this call runs on (modules are imported once)
   rows = []
   for i, arm in enumerate(todo, 1):
-    row = run_arm(arm, os.path.join(workdir, arm.task, arm.name), bindings)
+    row = run_arm(arm, os.path.join(workdir, arm.task, arm.name), bindings, code=code)
     rows.append(row)
     took = f"trained in {row['seconds']:.0f} s" if row["seconds"] is not None else "reused"
     log(f"[{i}/{len(todo)}] {arm.task}/{arm.name}: {took}; loss {row['loss']:.3f}, Sink_1 proxy "
         f"{row.get('sink_rate_proxy', float('nan')):.1f} %, raw {row.get('sink_rate_raw', float('nan')):.1f} %, "
         f"raw first-token weight {row.get('first_token_attn_raw', float('nan')):.2f}")
-  return rows, write_table(rows, workdir, short=short)
+  return rows, write_table(rows, workdir, short=short, command=command)
 
 
 def run(sweep_dir: str, workdir: str, *, short: bool = False, tasks: Sequence[str] | None = None,
         arms: Sequence[str] | None = None, bindings: Sequence[str] = ()) -> int:
   """The ``attnlab sweep`` job; ``sweep_dir`` may name the packaged sweep (``experiments/sinks``) from anywhere."""
-  _, table = run_sweep(resolve_path(sweep_dir), workdir, short=short, tasks=tasks, arms=arms, bindings=bindings,
-                       log=lambda line: print(line, flush=True))
+  command = " ".join(["attnlab sweep", "--sweep", sweep_dir, "--workdir", workdir] + (["--short"] if short else []) +
+                     ([f"--tasks {','.join(tasks)}"] if tasks else []) + ([f"--arms {','.join(arms)}"] if arms else []) +
+                     [f"--gin_bindings '{b}'" for b in bindings])
+  rows, _ = run_sweep(resolve_path(sweep_dir), workdir, short=short, tasks=tasks, arms=arms, bindings=bindings,
+                      log=lambda line: print(line, flush=True), command=command)
   print()
-  print(table)
-  print(f"wrote {os.path.join(workdir, 'sink_table')}.md/.json/.png")
+  print(compact_table(rows))
+  print()
+  print("wrote:")
+  for name in ("sink_table.md", "sink_table.json", "sink_table.png"):
+    print(f"  {os.path.join(workdir, name)}")
+  for row in rows:
+    print(f"  {os.path.join(row['workdir'], 'report.html')}")
+  print(os.path.join(workdir, "report.html"))
   return 0
+
+
+def compact_table(rows: Sequence[dict]) -> str:
+  """A terminal-width summary (the full table is in sink_table.md and report.html)."""
+  lines = [f"{'task/arm':24s} {'loss':>7s} {'Sink1 raw%':>10s} {'proxy%':>7s} {'w(tok1)':>8s}"]
+  for r in rows:
+    lines.append(f"{r['task'] + '/' + r['arm']:24s} {r['loss']:7.3f} {r.get('sink_rate_raw', float('nan')):10.1f} "
+                 f"{r.get('sink_rate_proxy', float('nan')):7.1f} {r.get('first_token_attn_raw', float('nan')):8.2f}")
+  return "\n".join(lines)

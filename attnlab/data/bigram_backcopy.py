@@ -13,6 +13,11 @@ so :func:`default_chain` builds the chain from the English text embedded in Pyth
 64 most frequent characters plus one "other character" token, ``<s>`` and ``<d>`` (V = 67); its triggers are
 ' ', 'e' and 't', the same three as Tiny-Shakespeare's.
 
+Your own corpus with one binding: ``BigramBackcopyConfig.corpus = "input.txt"`` (any text file, e.g. Karpathy's
+Tiny-Shakespeare ``input.txt``, Guo et al.'s corpus; or a ``.jsonl`` / ``.parquet`` file read with ``datasets``),
+or ``BigramBackcopyConfig.corpus_hub = "name"`` for a ``datasets`` hub source (``corpus_field`` names the text
+column). The chain is built from the first ``corpus_max_chars`` characters (:func:`corpus_chain`).
+
 Through the training harness: ``DataConfig.source = 'synthetic'``, ``DataConfig.task = @BigramBackcopyConfig()``
 and ``ModelConfig.vocab_size = 67`` (``experiments/bigram_backcopy.gin``). The task has its own vocabulary and
 ``<s>``; the run's tokenizer is not used.
@@ -28,6 +33,7 @@ import re
 
 import numpy as np
 
+from attnlab.data import sources
 from attnlab.data.synthetic import register_task
 
 OTHER = "\ufffd"  # the one token every character outside the vocabulary maps to
@@ -95,6 +101,45 @@ def build_chain(text: str, *, num_chars: int = 65, num_triggers: int = 3) -> Big
   transition = np.where(rows > 0, bigram / np.maximum(rows, 1.0), marginal[None, :])
   triggers = tuple(int(i) for i in np.argsort(-marginal, kind="stable")[:num_triggers])
   return BigramChain(chars, transition, marginal, triggers)
+
+
+def read_corpus(corpus: str | None = None, *, hub: str | None = None, hub_config: str | None = None,
+                split: str = "train", field: str = "text", max_chars: int = 2_000_000) -> str:
+  """The text of a corpus: a local file (plain text read as is; JSON/parquet through ``datasets``) or a
+  ``datasets`` hub source, documents joined by newlines, cut to ``max_chars`` characters."""
+  if (corpus is None) == (hub is None):
+    raise ValueError("give exactly one of corpus (a file) and corpus_hub (a datasets name)")
+  if corpus is not None:
+    sources.check_files((corpus,))
+    builder = sources.builder_for("files", (corpus,))
+    if builder == "text":
+      with open(corpus, encoding="utf-8", errors="replace") as f:
+        return f.read(max_chars)
+    docs = sources.hf_documents(builder, data_files=(corpus,), text_field=field)
+  else:
+    docs = sources.hf_documents(hub, config_name=hub_config, split=split, text_field=field)
+  parts, n = [], 0
+  for d in docs:
+    parts.append(d)
+    n += len(d) + 1
+    if n >= max_chars:
+      break
+  return "\n".join(parts)[:max_chars]
+
+
+@functools.cache
+def corpus_chain(corpus: str | None, hub: str | None, hub_config: str | None, split: str, field: str,
+                 max_chars: int, num_chars: int = 65, num_triggers: int = 3) -> BigramChain:
+  """The chain of a user corpus (:func:`read_corpus`; no reST cleaning: the text is taken as it is)."""
+  text = read_corpus(corpus, hub=hub, hub_config=hub_config, split=split, field=field, max_chars=max_chars)
+  where = corpus or hub
+  if len(text) < 2:
+    raise ValueError(f"BigramBackcopyConfig corpus {where!r} holds no text")
+  try:
+    return build_chain(text, num_chars=num_chars, num_triggers=num_triggers)
+  except ValueError as e:
+    raise ValueError(f"BigramBackcopyConfig corpus {where!r}: {e} (lower BigramBackcopyConfig.num_chars and set "
+                     f"ModelConfig.vocab_size = num_chars + 2)") from None
 
 
 @functools.cache
@@ -170,10 +215,24 @@ class BigramBackcopyConfig:
 
   num_chars: int = 65
   num_triggers: int = 3
+  # The chain's corpus (module docstring): None -> the embedded text; a file path; or a datasets hub name.
+  corpus: str | None = None
+  corpus_hub: str | None = None
+  corpus_config: str | None = None
+  corpus_split: str = "train"
+  corpus_field: str = "text"
+  corpus_max_chars: int = 2_000_000
+
+  def __post_init__(self):
+    if self.corpus is not None and self.corpus_hub is not None:
+      raise ValueError("BigramBackcopyConfig: set corpus (a file) or corpus_hub (a datasets name), not both")
 
   @property
   def chain(self) -> BigramChain:
-    return default_chain(self.num_chars, self.num_triggers)
+    if self.corpus is None and self.corpus_hub is None:
+      return default_chain(self.num_chars, self.num_triggers)
+    return corpus_chain(self.corpus, self.corpus_hub, self.corpus_config, self.corpus_split, self.corpus_field,
+                        self.corpus_max_chars, self.num_chars, self.num_triggers)
 
   @property
   def vocab_size(self) -> int:

@@ -4,6 +4,20 @@ Every document becomes ``[BOS] tokens [EOS]``; a document longer than a row is c
 with BOS. Chunks are packed greedily, in order, into rows of ``seq_len + 1`` tokens (inputs = row[:-1],
 targets = row[1:]); the rest of a row is PAD. ``segment_ids`` number the chunks of a row from 1 (0 = PAD), so
 attention never crosses a document boundary and positions restart at every BOS.
+
+``bos`` chooses where BOS goes (``DataConfig.bos``):
+
+* ``"chunk"`` (default): every chunk starts with BOS, so every row starts with one on a fixed grid (Guo et al.
+  2024's Bigram-Backcopy rows; the setting of most sink demos).
+* ``"document"``: BOS only at the start of a document; a continuation chunk starts with the document's next
+  token (LLaMA-style packing, as in the models StreamingLLM studies, Xiao et al. 2024, arXiv 2309.17453).
+* ``"none"``: no BOS at all; documents end with EOS only (Gu et al. 2025, arXiv 2410.10781, §2 and §4: their
+  LMs are trained on concatenated documents chunked to the context length, so the first token of a row is an
+  arbitrary token, and ``Sink_1`` is measured on it).
+
+:func:`concat_documents` + :func:`offset_rows` cut rows at random offsets of the concatenated stream instead of
+on a grid (``DataConfig.row_offsets = "random"``; Gu et al. 2025 §5 re-sample the first token, and nanoGPT's
+``get_batch`` draws rows at random offsets), so position 0 of a row is rarely a document start.
 """
 
 from __future__ import annotations
@@ -13,24 +27,30 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 Batch = dict[str, np.ndarray]
+BOS_MODES = ("chunk", "document", "none")
 
 
 class Packer:
   """Incremental greedy packer: ``add(doc_tokens)`` returns the rows completed by that document."""
 
-  def __init__(self, seq_len: int, *, bos_id: int, eos_id: int, pad_id: int):
+  def __init__(self, seq_len: int, *, bos_id: int, eos_id: int, pad_id: int, bos: str = "chunk"):
     if seq_len < 2:
       raise ValueError(f"seq_len must be at least 2; got {seq_len}")
-    self.row_len, self.bos, self.eos, self.pad = seq_len + 1, bos_id, eos_id, pad_id
+    if bos not in BOS_MODES:
+      raise ValueError(f"bos must be one of {BOS_MODES}; got {bos!r}")
+    self.row_len, self.bos, self.eos, self.pad, self.bos_mode = seq_len + 1, bos_id, eos_id, pad_id, bos
     self._tok: list[np.ndarray] = []
     self._seg: list[np.ndarray] = []
     self._used = 0
 
   def add(self, tokens: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
     tokens = np.append(np.asarray(tokens, np.int32), self.eos)
-    done = []
-    for start in range(0, len(tokens), self.row_len - 1):
-      chunk = np.concatenate([[self.bos], tokens[start:start + self.row_len - 1]]).astype(np.int32)
+    done, start = [], 0
+    while start < len(tokens):
+      head = [self.bos] if self.bos_mode == "chunk" or (self.bos_mode == "document" and start == 0) else []
+      take = self.row_len - len(head)
+      chunk = np.concatenate([head, tokens[start:start + take]]).astype(np.int32)
+      start += take
       if self._used + len(chunk) > self.row_len:
         done.append(self.flush())
       self._seg.append(np.full(len(chunk), len(self._tok) + 1, np.int32))
@@ -52,9 +72,9 @@ class Packer:
 
 
 def pack_documents(docs: Iterable[np.ndarray], seq_len: int, *, bos_id: int, eos_id: int,
-                   pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+                   pad_id: int, bos: str = "chunk") -> tuple[np.ndarray, np.ndarray]:
   """Packs token documents into ``(tokens, segment_ids)``, both (num_rows, seq_len + 1) int32."""
-  packer = Packer(seq_len, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
+  packer = Packer(seq_len, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, bos=bos)
   rows = [r for d in docs for r in packer.add(d)]
   if packer.pending:
     rows.append(packer.flush())
@@ -68,6 +88,28 @@ def iter_packed(docs: Iterable[np.ndarray], seq_len: int, **ids) -> Iterator[tup
   packer = Packer(seq_len, **ids)
   for d in docs:
     yield from packer.add(d)
+
+
+def concat_documents(docs: Iterable[np.ndarray], *, bos_id: int, eos_id: int,
+                     bos: str = "document") -> tuple[np.ndarray, np.ndarray]:
+  """All documents as one stream ``[BOS] tokens EOS [BOS] tokens EOS ...`` (BOS per document unless
+  ``bos="none"``) with segment ids 1, 2, ... per document: ``(tokens, segment_ids)``, both 1-D int32."""
+  toks, segs = [], []
+  for i, d in enumerate(docs):
+    head = [] if bos == "none" else [bos_id]
+    t = np.concatenate([head, np.asarray(d, np.int32), [eos_id]]).astype(np.int32)
+    toks.append(t)
+    segs.append(np.full(len(t), i % (2 ** 30) + 1, np.int32))
+  if not toks:
+    return np.zeros(0, np.int32), np.zeros(0, np.int32)
+  return np.concatenate(toks), np.concatenate(segs)
+
+
+def offset_rows(tokens: np.ndarray, segment_ids: np.ndarray, seq_len: int,
+                starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Rows ``stream[s : s + seq_len + 1]`` for every start ``s`` (see :func:`concat_documents`)."""
+  idx = np.asarray(starts)[:, None] + np.arange(seq_len + 1)[None, :]
+  return tokens[idx], segment_ids[idx]
 
 
 def segment_positions(segment_ids: np.ndarray) -> np.ndarray:

@@ -21,11 +21,13 @@ from typing import Any
 import numpy as np
 
 from attnlab.data import sources, synthetic
-from attnlab.data.packing import Batch, iter_packed, pack_documents, rows_to_batch
+from attnlab.data.packing import (BOS_MODES, Batch, concat_documents, iter_packed, offset_rows, pack_documents,
+                                  rows_to_batch)
 from attnlab.data.special_tokens import LandmarkTokens, MetaTokens, interleave
 from attnlab.data.tokenizer import make_tokenizer
 
 SOURCES = ("embedded", "text", "json", "parquet", "files", "hub", "synthetic")
+ROW_OFFSETS = ("grid", "random")
 _SPLIT_IDS = {"train": 0, "validation": 1}
 
 
@@ -56,6 +58,16 @@ class DataConfig:
   # Landmark / meta tokens interleaved into every batch (attnlab.data.special_tokens); ExperimentConfig fills it
   # in from the model's attention config, so it rarely needs binding.
   special_tokens: LandmarkTokens | MetaTokens | None = None
+  # How a plain-text file becomes documents (attnlab.data.sources.hf_documents): "paragraph" (blank lines),
+  # "line", "document" (whole file) or "size" (pieces of about `doc_chars` characters cut at line breaks).
+  text_documents: str = "paragraph"
+  doc_chars: int = 4096
+  # The papers' data settings (attnlab.data.packing): where BOS goes ("chunk": every row starts with BOS, Guo et
+  # al. 2024; "document": only at document starts, LLaMA-style packing as in StreamingLLM's models; "none": no
+  # BOS, Gu et al. 2025 §4) and where rows start ("grid": packed rows; "random": training rows cut at random
+  # offsets of the concatenated documents, so row position 0 is an arbitrary token, Gu et al. 2025 §2/§5).
+  bos: str = "chunk"
+  row_offsets: str = "grid"
 
   def __post_init__(self):
     object.__setattr__(self, "paths", tuple(self.paths))
@@ -70,6 +82,14 @@ class DataConfig:
       raise ValueError(f"seq_len must be >= 2 and batch_size >= 1; got {self.seq_len}, {self.batch_size}")
     if self.special_tokens is not None and not isinstance(self.special_tokens, (LandmarkTokens, MetaTokens)):
       raise ValueError(f"special_tokens must be LandmarkTokens, MetaTokens or None; got {self.special_tokens!r}")
+    if self.text_documents not in sources.TEXT_DOCUMENTS:
+      raise ValueError(f"text_documents must be one of {sources.TEXT_DOCUMENTS}; got {self.text_documents!r}")
+    if self.bos not in BOS_MODES:
+      raise ValueError(f"DataConfig.bos must be one of {BOS_MODES}; got {self.bos!r}")
+    if self.row_offsets not in ROW_OFFSETS:
+      raise ValueError(f"DataConfig.row_offsets must be one of {ROW_OFFSETS}; got {self.row_offsets!r}")
+    if self.row_offsets == "random" and (self.source in ("hub", "synthetic") or self.streaming):
+      raise ValueError("row_offsets='random' needs a finite text source (embedded or local files, not streamed)")
 
 
 class ArrayIterator:
@@ -108,6 +128,34 @@ class ArrayIterator:
     rows = self.row_indices(self.step)
     self.step += 1
     return rows_to_batch(self.tokens[rows], self.segment_ids[rows])
+
+  def get_state(self) -> dict:
+    return {"step": self.step}
+
+  def set_state(self, state: dict) -> None:
+    self.step = int(state["step"])
+
+
+class OffsetIterator:
+  """Training rows at random offsets of one concatenated token stream (``DataConfig.row_offsets = "random"``):
+  row ``j`` of batch ``s`` starts at an offset drawn from ``default_rng([seed, s, process, j])``."""
+
+  def __init__(self, tokens: np.ndarray, segment_ids: np.ndarray, *, seq_len: int, batch_size: int, seed: int,
+               process_index: int = 0):
+    if len(tokens) < seq_len + 2:
+      raise ValueError(f"the data holds {len(tokens)} tokens; rows of {seq_len + 1} need more")
+    self.tokens, self.segment_ids, self.seq_len = tokens, segment_ids, seq_len
+    self.batch_size, self.seed, self.process_index = batch_size, seed, process_index
+    self.step = 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> Batch:
+    rng = np.random.default_rng([self.seed, self.step, self.process_index])
+    starts = rng.integers(0, len(self.tokens) - self.seq_len - 1, size=self.batch_size)
+    self.step += 1
+    return rows_to_batch(*offset_rows(self.tokens, self.segment_ids, self.seq_len, starts))
 
   def get_state(self) -> dict:
     return {"step": self.step}
@@ -169,14 +217,15 @@ class StreamIterator:
     docs = sources.hf_documents(name, data_files=files, config_name=config_name, split=split,
                                 text_field=cfg.text_field, process_index=self.process_index,
                                 process_count=self.process_count, shuffle_seed=seed,
-                                shuffle_buffer=cfg.shuffle_buffer)
+                                shuffle_buffer=cfg.shuffle_buffer, text_documents=cfg.text_documents,
+                                doc_chars=cfg.doc_chars)
     for i, d in enumerate(docs):
       if d and (not held_out or (i % cfg.heldout_every == cfg.heldout_every // 2) == (self.split == "validation")):
         yield d
 
   def _row_stream(self):
     tok = self.tokenizer
-    ids = dict(bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    ids = dict(bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id, bos=self.cfg.bos)
     epoch = 0
     while True:
       n = 0
@@ -282,8 +331,14 @@ def _make_iterator(cfg: DataConfig, *, split, seq_len, process_index, process_co
     return StreamIterator(dataclasses.replace(cfg, seq_len=seq_len), tokenizer, split=split, **shard)
   source = "files" if cfg.source == "files" else cfg.source
   docs = sources.finite_documents(source, split, paths=cfg.paths, eval_paths=cfg.eval_paths,
-                                  text_field=cfg.text_field, heldout_every=cfg.heldout_every)
+                                  text_field=cfg.text_field, heldout_every=cfg.heldout_every,
+                                  text_documents=cfg.text_documents, doc_chars=cfg.doc_chars)
+  if cfg.row_offsets == "random" and split == "train":
+    tokens, seg = concat_documents((tokenizer.encode(d) for d in docs), bos_id=tokenizer.bos_id,
+                                   eos_id=tokenizer.eos_id, bos="none" if cfg.bos == "none" else "document")
+    return OffsetIterator(tokens, seg, seq_len=seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
+                          process_index=process_index)
   tokens, seg = pack_documents((tokenizer.encode(d) for d in docs), seq_len, bos_id=tokenizer.bos_id,
-                               eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+                               eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, bos=cfg.bos)
   return ArrayIterator(tokens, seg, batch_size=cfg.batch_size, seed=cfg.seed,
                        shuffle=cfg.shuffle and split == "train", **shard)

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 from attnlab.data.corpus import embedded_documents
 
+TEXT_DOCUMENTS = ("paragraph", "line", "document", "size")  # how a plain-text file is cut into documents
 _BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 FILE_SOURCES = ("text", "json", "parquet")
 
@@ -38,13 +39,43 @@ def builder_for(source: str, paths: tuple[str, ...]) -> str:
   return builders.pop()
 
 
+def split_by_size(text: str, doc_chars: int) -> list[str]:
+  """``text`` cut into documents of about ``doc_chars`` characters, each ending at a line break where there is one
+  in the second half of the piece (so a document rarely starts mid-line)."""
+  if doc_chars < 1:
+    raise ValueError(f"doc_chars must be positive; got {doc_chars}")
+  out, start = [], 0
+  while start < len(text):
+    end = min(start + doc_chars, len(text))
+    if end < len(text):
+      cut = text.rfind("\n", start + doc_chars // 2, end)
+      end = cut + 1 if cut >= 0 else end
+    piece = text[start:end].strip()
+    if piece:
+      out.append(piece)
+    start = end
+  return out
+
+
 def hf_documents(builder_or_name: str, *, data_files=None, config_name: str | None = None, split: str = "train",
                  text_field: str = "text", process_index: int = 0, process_count: int = 1,
-                 shuffle_seed: int | None = None, shuffle_buffer: int = 1000) -> Iterator[str]:
-  """Streams the ``text_field`` of a ``datasets`` source: a packaged builder on local files or a hub name."""
+                 shuffle_seed: int | None = None, shuffle_buffer: int = 1000, text_documents: str = "paragraph",
+                 doc_chars: int = 4096) -> Iterator[str]:
+  """Streams the ``text_field`` of a ``datasets`` source: a packaged builder on local files or a hub name.
+
+  Plain-text files (builder ``text``) become documents by ``text_documents``: ``"paragraph"`` (split at blank
+  lines), ``"line"`` (one per line), ``"document"`` (one per file) or ``"size"`` (each file cut into pieces of
+  about ``doc_chars`` characters at line breaks, :func:`split_by_size`).
+  """
   import datasets
 
+  if text_documents not in TEXT_DOCUMENTS:
+    raise ValueError(f"text_documents must be one of {TEXT_DOCUMENTS}; got {text_documents!r}")
   kwargs = {"data_files": list(data_files)} if data_files else {}
+  if builder_or_name == "text":
+    kwargs["sample_by"] = "document" if text_documents == "size" else text_documents
+    if text_documents != "line":
+      kwargs["keep_linebreaks"] = True
   ds = datasets.load_dataset(builder_or_name, config_name, split=split, streaming=True, **kwargs)
   if process_count > 1:
     from datasets.distributed import split_dataset_by_node
@@ -55,13 +86,23 @@ def hf_documents(builder_or_name: str, *, data_files=None, config_name: str | No
     if text_field not in ex:
       raise ValueError(f"field {text_field!r} not in the dataset's examples (fields: {sorted(ex)}); set "
                        "DataConfig.text_field")
-    yield ex[text_field]
+    if builder_or_name == "text" and text_documents == "size":
+      yield from split_by_size(ex[text_field], doc_chars)
+    elif builder_or_name == "text" and text_documents == "paragraph":
+      doc = ex[text_field].strip()
+      if doc:
+        yield doc
+    else:
+      yield ex[text_field]
 
 
-def local_documents(source: str, paths: tuple[str, ...], text_field: str = "text") -> list[str]:
-  """Every document of local files, in file order (``text`` files: one document per line)."""
+def local_documents(source: str, paths: tuple[str, ...], text_field: str = "text", *,
+                    text_documents: str = "paragraph", doc_chars: int = 4096) -> list[str]:
+  """Every document of local files, in file order (``text`` files: by ``text_documents``, see
+  :func:`hf_documents`)."""
   check_files(paths)
-  docs = [d for d in hf_documents(builder_for(source, paths), data_files=paths, text_field=text_field) if d]
+  docs = [d for d in hf_documents(builder_for(source, paths), data_files=paths, text_field=text_field,
+                                  text_documents=text_documents, doc_chars=doc_chars) if d]
   if not docs:
     raise ValueError(f"dataset files {list(paths)} hold no non-empty documents")
   return docs
@@ -74,10 +115,11 @@ def heldout(docs: list[str], split: str, every: int) -> list[str]:
 
 
 def finite_documents(source: str, split: str, *, paths=(), eval_paths=(), text_field="text",
-                     heldout_every=16) -> list[str]:
+                     heldout_every=16, text_documents="paragraph", doc_chars=4096) -> list[str]:
   if source == "embedded":
     return embedded_documents(split)
+  how = dict(text_documents=text_documents, doc_chars=doc_chars)
   if split == "validation" and eval_paths:
-    return local_documents(source, tuple(eval_paths), text_field)
-  docs = local_documents(source, tuple(paths), text_field)
+    return local_documents(source, tuple(eval_paths), text_field, **how)
+  docs = local_documents(source, tuple(paths), text_field, **how)
   return docs if eval_paths else heldout(docs, split, heldout_every)

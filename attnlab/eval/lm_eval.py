@@ -51,3 +51,31 @@ def evaluate_batches(graphdef, params, rest, batches: Iterable[dict], byte_lengt
   return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "bits_per_byte": bpb,
           "accuracy": totals["correct"] / totals["tokens"], "example_accuracy": totals["example_correct"] / n,
           "tokens": int(totals["tokens"]), "examples": n}
+
+
+@functools.lru_cache(maxsize=16)
+def token_nll_fn(graphdef):
+  """Jitted ``(params, rest, batch) -> (batch, seq)`` next-token NLL (nats)."""
+
+  def step(params, rest, batch):
+    logits, _, _ = forward(graphdef, params, rest, batch)
+    return token_losses(logits, batch["targets"])[0]
+
+  return jax.jit(step)
+
+
+def task_losses(graphdef, params, rest, batches: Iterable[dict], query_mask_fn,
+                names: tuple[str, str] = ("masked", "unmasked")) -> dict:
+  """Mean NLL (nats/token) at the queries ``query_mask_fn(inputs)`` selects and at the others: a synthetic task's
+  per-part losses (Bigram-Backcopy: ``bigram_ce`` at non-trigger queries, ``backcopy_ce`` at trigger queries)."""
+  step = token_nll_fn(graphdef)
+  sums = {names[0]: [0.0, 0], names[1]: [0.0, 0]}
+  for batch in batches:
+    nll = np.asarray(jax.device_get(step(params, rest, {k: batch[k] for k in BATCH_KEYS})))
+    valid = np.asarray(batch["loss_mask"]) > 0
+    sel = np.asarray(query_mask_fn(np.asarray(batch["inputs"])), bool)
+    for name, m in ((names[0], sel & valid), (names[1], ~sel & valid)):
+      sums[name][0] += float(nll[m].sum())
+      sums[name][1] += int(m.sum())
+  return {f"{name}_ce": (s / n if n else float("nan")) for name, (s, n) in sums.items()} | {
+      f"{name}_tokens": n for name, (_, n) in sums.items()}
