@@ -124,28 +124,86 @@ def _import_modules(gin_files, search_paths) -> None:
                             f"nor from the gin search paths ({e})") from e
 
 
-def parse_gin(gin_files=(), bindings=(), *, search_paths=()) -> None:
+class UntrustedCodeError(ConfigError):
+  """A gin file that is data (a workdir's ``config.gin``) asks to import a module or to register functions."""
+
+
+def _included(path: str, filename: str) -> str | None:
+  for p in (*gin.config._LOCATION_PREFIXES, os.path.dirname(os.path.abspath(path))):
+    if os.path.isfile(os.path.join(p, filename)):
+      return os.path.join(p, filename)
+  return None
+
+
+def check_no_code(path: str, trust_hint: str = "") -> None:
+  """Refuses (:class:`UntrustedCodeError`) a gin file that, itself or through its includes, imports a module
+  (``import x``) or turns on gin's dynamic registration (``from __gin__ import dynamic_registration``, which lets
+  a file bind and call any importable function, ``os.system`` included). Such a file is read as data: only the
+  configurables attnlab itself registered can be named in it."""
+  todo, seen = [path], set()
+  while todo:
+    p = todo.pop()
+    if p in seen:
+      continue
+    seen.add(p)
+    try:
+      with open(p) as f:
+        statements = list(config_parser.ConfigParser(f, _SkipValues()))
+    except (OSError, UnicodeDecodeError) as e:
+      raise ConfigError(f"gin file {p!r} is unreadable ({e})") from None
+    except SyntaxError as e:
+      raise ConfigError(f"gin file {p!r}: invalid gin syntax ({e.msg}, line {e.lineno})") from None
+    for st in statements:
+      if isinstance(st, config_parser.IncludeStatement):
+        found = _included(p, st.filename)
+        if found is None:
+          raise ConfigError(f"gin file {p!r} includes {st.filename!r}, which does not exist")
+        todo.append(found)
+      elif isinstance(st, config_parser.ImportStatement):
+        what = ("turns on gin's dynamic registration (it can call any function)" if st.module.startswith("__gin__")
+                else f"imports the module {st.module!r}")
+        raise UntrustedCodeError(f"{path}{'' if p == path else f' (through {p})'} {what}; opening a workdir runs no "
+                                 f"code from it{trust_hint}")
+
+
+def parse_gin(gin_files=(), bindings=(), *, search_paths=(), untrusted=()) -> None:
   """Clears gin, imports the gin files' ``import`` modules, registers the configs and parses ``gin_files`` then
   ``bindings`` (later ones win). Files and ``include`` paths resolve against the search paths, the current
-  directory, each file's folder and its parent, and the packaged experiments."""
+  directory, each file's folder and its parent, and the packaged experiments. ``untrusted``: files (among
+  ``gin_files``) read as data: any import or dynamic registration in them (or their includes) is refused before
+  anything is imported (:func:`check_no_code`)."""
   gin.clear_config(clear_constants=True)
   gin_files = [resolve_path(f) for f in gin_files]
   for f in gin_files:
     if not os.path.isfile(f):
-      raise ConfigError(f"gin file {f!r} does not exist")
+      raise ConfigError(f"gin file {f!r} does not exist" if not os.path.isdir(f) else
+                        f"gin file {f!r} is a directory")
   packaged = packaged_experiments()
   file_dirs = [d for f in gin_files for d in (os.path.dirname(os.path.abspath(f)),
                                               os.path.dirname(os.path.dirname(os.path.abspath(f))))]
   for p in (*search_paths, os.getcwd(), *file_dirs, *([os.path.dirname(packaged)] if packaged else [])):
     gin.add_config_file_search_path(p)
+  for f in untrusted:
+    check_no_code(resolve_path(f), " (pass --trust_workdir_imports if you trust it)")
+  for b in bindings:
+    if not str(b).strip() or str(b).strip().endswith("="):
+      raise ConfigError(f"gin binding {str(b)!r} has no value (write KEY=VALUE)")
   try:
     _import_modules(gin_files, search_paths)
     register_configurables()
     gin.parse_config_files_and_bindings(gin_files, list(bindings))
   except ConfigError:
     raise
-  except (ValueError, KeyError, SyntaxError, TypeError, IOError) as e:
-    raise ConfigError(f"invalid gin configuration: {e}") from e
+  except SyntaxError as e:
+    where = f" in {e.filename}" if e.filename and e.filename != "<string>" else ""
+    raise ConfigError(f"invalid gin syntax{where}: {e.msg} at line {e.lineno}: {(e.text or '').strip()!r}") from None
+  except (ValueError, KeyError, TypeError, IOError, AttributeError, NameError, ImportError) as e:
+    raise ConfigError(f"invalid gin configuration: {_one_line(e)}") from None
+
+
+def _one_line(e: BaseException) -> str:
+  text = " ".join(str(e).split())
+  return text[:500] if text else type(e).__name__
 
 
 def _unused_bindings() -> list[str]:

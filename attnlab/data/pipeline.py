@@ -24,6 +24,7 @@ from attnlab.data import sources, synthetic
 from attnlab.data.packing import Batch, iter_packed, pack_documents, rows_to_batch
 from attnlab.data.special_tokens import LandmarkTokens, MetaTokens, interleave
 from attnlab.data.tokenizer import make_tokenizer
+from attnlab.ops import fields
 
 SOURCES = ("embedded", "text", "json", "parquet", "files", "hub", "synthetic")
 _SPLIT_IDS = {"train": 0, "validation": 1}
@@ -58,8 +59,15 @@ class DataConfig:
   special_tokens: LandmarkTokens | MetaTokens | None = None
 
   def __post_init__(self):
-    object.__setattr__(self, "paths", tuple(self.paths))
-    object.__setattr__(self, "eval_paths", tuple(self.eval_paths))
+    object.__setattr__(self, "paths", fields.paths("DataConfig", "paths", self.paths))
+    object.__setattr__(self, "eval_paths", fields.paths("DataConfig", "eval_paths", self.eval_paths))
+    for name in ("seq_len", "batch_size", "shuffle_buffer", "heldout_every"):
+      fields.integer("DataConfig", name, getattr(self, name))
+    fields.integer("DataConfig", "seed", self.seed, minimum=0)
+    fields.string("DataConfig", "tokenizer", self.tokenizer)
+    fields.string("DataConfig", "text_field", self.text_field)
+    for name in ("shuffle", "streaming", "document_mask"):
+      fields.boolean("DataConfig", name, getattr(self, name))
     if self.source not in SOURCES:
       raise ValueError(f"unknown data source {self.source!r}; choose one of {SOURCES}")
     if (self.source == "synthetic") != (self.task is not None):
