@@ -56,7 +56,7 @@ class HFTokenizer:
     if not os.path.isfile(path):
       raise ValueError(f"tokenizer file {path!r} does not exist")
     from tokenizers import Tokenizer as _Tok  # optional dependency (extra "hf")
-    self._tok = _Tok.from_file(path)
+    self._tok = _load(_Tok, path)
     base = self._tok.get_vocab_size(with_added_tokens=True)
     extra = 0
     ids = []
@@ -121,6 +121,14 @@ class HFTokenizer:
     return out
 
 
+def _load(tok_cls, path: str):
+  try:
+    return tok_cls.from_file(path)
+  except Exception as e:  # noqa: BLE001 (tokenizers raises a bare Exception on a malformed file)
+    raise ValueError(f"tokenizer file {path!r} is not a valid tokenizer.json ({' '.join(str(e).split())[:200]})") \
+        from None
+
+
 def _read_json(path: str) -> dict:
   if not os.path.isfile(path):
     return {}
@@ -134,4 +142,6 @@ def _read_json(path: str) -> dict:
 
 def make_tokenizer(spec: str = "byte") -> Tokenizer:
   """``"byte"`` or the path of a local ``tokenizer.json``."""
+  if not isinstance(spec, str) or not spec:
+    raise ValueError(f"DataConfig.tokenizer must be 'byte' or the path of a tokenizer.json; got {spec!r}")
   return ByteTokenizer() if spec == "byte" else HFTokenizer(spec)

@@ -165,7 +165,8 @@ class Checkpointer:
     if want == have:
       return
     diffs = [f"{k}: checkpoint {have[k][0]} {have[k][1]} vs. configured {want[k][0]} {want[k][1]}"
-             for k in sorted(set(want) & set(have)) if want[k] != have[k]]
+             for k in sorted(set(want) & set(have), key=lambda k: (not k.startswith("['params']"), k))
+             if want[k] != have[k]]
     diffs += [f"{k}: only in the checkpoint" for k in sorted(set(have) - set(want))]
     diffs += [f"{k}: not in the checkpoint" for k in sorted(set(want) - set(have))]
     more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
