@@ -28,6 +28,7 @@ recorded ``config.gin`` that imports modules unless given ``--trust_workdir_impo
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shlex
 import sys
@@ -199,6 +200,7 @@ def _one_line(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+  logging.raiseExceptions = False  # a library's malformed log call prints no "--- Logging error ---" traceback
   install_stop_handlers()  # SIGTERM/SIGINT from here on: a clean stop, even during start-up
   argv = sys.argv[1:] if argv is None else argv
   command = next((a for a in argv if not a.startswith("-")), "")

@@ -24,7 +24,8 @@ class AnalysisConfig:
 
   def __post_init__(self):
     fields.integer("AnalysisConfig", "every", self.every, minimum=0)
-    for name in ("num_sequences", "seq_len", "k"):
+    fields.integer("AnalysisConfig", "seq_len", self.seq_len, minimum=2)
+    for name in ("num_sequences", "k"):
       fields.integer("AnalysisConfig", name, getattr(self, name))
     fields.number("AnalysisConfig", "eps", self.eps)
     if self.every < 0 or self.num_sequences < 1 or self.seq_len < 2 or self.k < 1:

@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import tokenize
 import warnings
 
 import gin
@@ -108,8 +109,12 @@ def _import_modules(gin_files, search_paths) -> None:
     if path in seen:
       continue
     seen.add(path)
-    with open(path) as f:
-      statements = list(config_parser.ConfigParser(f, _SkipValues()))
+    try:
+      with open(path) as f:
+        statements = list(config_parser.ConfigParser(f, _SkipValues()))
+    except (SyntaxError, tokenize.TokenError) as e:
+      msg = e.msg if isinstance(e, SyntaxError) else e.args[0]
+      raise ConfigError(f"gin file {path!r}: invalid gin syntax ({msg})") from None
     for st in statements:
       if isinstance(st, config_parser.IncludeStatement):
         found = [os.path.join(p, st.filename) for p in gin.config._LOCATION_PREFIXES
@@ -153,6 +158,8 @@ def check_no_code(path: str, trust_hint: str = "") -> None:
       raise ConfigError(f"gin file {p!r} is unreadable ({e})") from None
     except SyntaxError as e:
       raise ConfigError(f"gin file {p!r}: invalid gin syntax ({e.msg}, line {e.lineno})") from None
+    except tokenize.TokenError as e:
+      raise ConfigError(f"gin file {p!r}: invalid gin syntax ({e.args[0]})") from None
     for st in statements:
       if isinstance(st, config_parser.IncludeStatement):
         found = _included(p, st.filename)
@@ -194,6 +201,9 @@ def parse_gin(gin_files=(), bindings=(), *, search_paths=(), untrusted=()) -> No
     gin.parse_config_files_and_bindings(gin_files, list(bindings))
   except ConfigError:
     raise
+  except tokenize.TokenError as e:
+    raise ConfigError(f"invalid gin syntax in {', '.join(gin_files) or 'the bindings'}: {e.args[0]} (an unclosed "
+                      f"bracket?) in {' '.join(map(str, bindings)) or 'the files'}") from None
   except SyntaxError as e:
     where = f" in {e.filename}" if e.filename and e.filename != "<string>" else ""
     raise ConfigError(f"invalid gin syntax{where}: {e.msg} at line {e.lineno}: {(e.text or '').strip()!r}") from None
@@ -201,7 +211,12 @@ def parse_gin(gin_files=(), bindings=(), *, search_paths=(), untrusted=()) -> No
     raise ConfigError(f"invalid gin configuration: {_one_line(e)}") from None
 
 
-def _one_line(e: BaseException) -> str:
+def _gin_message(e: BaseException) -> str:
+  """The error without the "In call to configurable ..." lines gin appends."""
+  return _one_line(str(e).split("\n  In call to configurable")[0])
+
+
+def _one_line(e) -> str:
   text = " ".join(str(e).split())
   return text[:500] if text else type(e).__name__
 
@@ -220,7 +235,7 @@ def build_distributed() -> DistributedConfig:
   try:
     return _WRAPPED[DistributedConfig]()
   except (TypeError, ValueError) as e:
-    raise ConfigError(f"invalid DistributedConfig: {e}") from e
+    raise ConfigError(_gin_message(e)) from None
 
 
 def build_experiment() -> ExperimentConfig:
@@ -231,9 +246,9 @@ def build_experiment() -> ExperimentConfig:
     parts = {k: _WRAPPED[cls]() for k, cls in PARTS.items()}
     cfg = ExperimentConfig(**parts)
   except TypeError as e:
-    raise ConfigError(f"cannot build the configuration: {e}") from e
+    raise ConfigError(f"cannot build the configuration: {_gin_message(e)}") from None
   except ValueError as e:
-    raise ConfigError(f"invalid configuration: {e}") from e
+    raise ConfigError(_gin_message(e)) from None
   unused = _unused_bindings()
   if unused:
     warnings.warn(f"gin bindings not used by this configuration: {', '.join(unused)}", stacklevel=2)

@@ -61,7 +61,8 @@ class DataConfig:
   def __post_init__(self):
     object.__setattr__(self, "paths", fields.paths("DataConfig", "paths", self.paths))
     object.__setattr__(self, "eval_paths", fields.paths("DataConfig", "eval_paths", self.eval_paths))
-    for name in ("seq_len", "batch_size", "shuffle_buffer", "heldout_every"):
+    fields.integer("DataConfig", "seq_len", self.seq_len, minimum=2)
+    for name in ("batch_size", "shuffle_buffer", "heldout_every"):
       fields.integer("DataConfig", name, getattr(self, name))
     fields.integer("DataConfig", "seed", self.seed, minimum=0)
     fields.string("DataConfig", "tokenizer", self.tokenizer)

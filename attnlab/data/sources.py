@@ -84,7 +84,13 @@ def hf_documents(builder_or_name: str, *, data_files=None, config_name: str | No
 def local_documents(source: str, paths: tuple[str, ...], text_field: str = "text") -> list[str]:
   """Every document of local files, in file order (``text`` files: one document per line)."""
   check_files(paths)
-  docs = [d for d in hf_documents(builder_for(source, paths), data_files=paths, text_field=text_field) if d]
+  try:
+    docs = [d for d in hf_documents(builder_for(source, paths), data_files=paths, text_field=text_field) if d]
+  except Exception as e:  # noqa: BLE001 (datasets / pyarrow parse errors have many types)
+    if type(e) is ValueError:  # noqa: E721 (ours, already naming the file; pyarrow's errors subclass ValueError)
+      raise
+    raise ValueError(f"dataset files {list(paths)} are malformed ({type(e).__name__}: "
+                     f"{' '.join(str(e).split())[:300]})") from None
   if not docs:
     raise ValueError(f"dataset files {list(paths)} hold no non-empty documents")
   return docs

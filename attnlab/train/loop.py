@@ -99,7 +99,7 @@ def _record(cfg: ExperimentConfig, shards: int) -> ExperimentConfig:
 
 
 def _differences(old: dict, new: dict) -> list[str]:
-  keys = sorted(set(old) | set(new))
+  keys = sorted(set(old) | set(new), key=lambda k: (k not in old or k not in new, k))  # changed before added
   return [f"{k}: {old.get(k, '(absent)')} -> {new.get(k, '(absent)')}" for k in keys
           if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES)]
 
@@ -108,10 +108,9 @@ def check_run_record(workdir: str, cfg: ExperimentConfig, *, force: bool = False
   """Refuses (:class:`RunMismatchError`, listing the fields that differ) a workdir that holds a run of a different
   configuration, unless ``force``. Changing only the run length or the logging/eval/checkpoint cadence is not a
   different run. Writes nothing."""
+  check_writable(workdir)
   if force:
     return
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ValueError(f"workdir {workdir!r} exists and is not a directory")
   if shards is None:
     shards = data_layout(cfg)[2]
   new = flat_fields(_record(cfg, shards))
@@ -133,6 +132,21 @@ def check_run_record(workdir: str, cfg: ExperimentConfig, *, force: bool = False
     raise RunMismatchError(f"workdir {workdir!r} holds a run of a different configuration: {'; '.join(diffs[:6])}"
                            f"{more}; use a new workdir, or --force to overwrite the record and resume from its "
                            "checkpoint anyway")
+
+
+def check_writable(workdir: str) -> None:
+  """The workdir is (or can be created as) a writable directory: ValueError naming it otherwise."""
+  if not isinstance(workdir, (str, os.PathLike)) or not str(workdir):
+    raise ValueError(f"workdir must be a directory path; got {workdir!r}")
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"workdir {workdir!r} is not a directory")
+  probe = os.path.abspath(workdir)
+  while not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+  if not os.path.isdir(probe):
+    raise ValueError(f"workdir {workdir!r} cannot be created: {probe!r} is not a directory")
+  if not os.access(probe, os.W_OK | os.X_OK):
+    raise ValueError(f"workdir {workdir!r} is not writable ({probe!r})")
 
 
 def write_run_record(workdir: str, cfg: ExperimentConfig, *, shards: int | None = None) -> None:
