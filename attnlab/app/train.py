@@ -11,6 +11,7 @@ from attnlab.app.workdir import DistributedFlags, load_config
 from attnlab.configs import write_run_configs
 from attnlab.eval.run import run_evaluation
 from attnlab.train import ExperimentConfig, TrainResult, train
+from attnlab.train.stop import failpoint
 
 
 def train_and_evaluate(cfg: ExperimentConfig, workdir: str, *, force: bool = False,
@@ -21,6 +22,7 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str, *, force: bool = Fal
   result = train(cfg, workdir, force=force, on_started=on_started)
   if result.status != "finished" or not cfg.train.eval_at_end:
     return result, None
+  failpoint("eval")
   state = result.state
   return result, run_evaluation(cfg, result.eval_graphdef, state["params"], state["rest"], workdir, step=result.step)
 
@@ -29,6 +31,7 @@ def run(workdir: str, gin_files: Sequence[str], bindings: Sequence[str] = (), *,
         force: bool = False, distributed: DistributedFlags = DistributedFlags(), command_line: str = "") -> int:
   """The ``attnlab train`` job; ``command_line`` heads the recorded ``config.gin``. Returns the exit status."""
   cfg = load_config(gin_files, bindings, search_paths=search_paths, distributed=distributed)
+  failpoint("config")
   main = jax.process_index() == 0
   # config.gin is written only once start-up succeeded (config, data, tokenizer, state, restore), next to the run
   # record: a failed start leaves nothing that blocks the corrected rerun.

@@ -34,7 +34,7 @@ from attnlab.state import MODEL_INPUTS, Checkpointer, NoRestorableCheckpointErro
 from attnlab.train.experiment import ExperimentConfig
 from attnlab.train.metrics import MetricsWriter, matmul_flops_per_token, measure_matmul_peak
 from attnlab.train.step import train_step_fn
-from attnlab.train.stop import installed as stop_handlers
+from attnlab.train.stop import failpoint, installed as stop_handlers
 
 RUN_CONFIG = "run_config.txt"
 RUN_RECORD = "run_config.json"
@@ -217,6 +217,7 @@ def _train(cfg, workdir, tc, mesh, pi, pc, shards, main, force, process_index, p
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
   data = make_dataset(cfg.data, split="train", process_index=pi, process_count=pc, tokenizer=tokenizer)
+  failpoint("data")
   eval_batches = None
   if tc.eval_every:
     eval_batches = heldout_batches(cfg.data, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
@@ -230,6 +231,7 @@ def _train(cfg, workdir, tc, mesh, pi, pc, shards, main, force, process_index, p
     graphdef, eval_graphdef, state = build_sharded_state(cfg, mesh)
     to_device = lambda b: {k: global_batch(b[k], mesh) for k in MODEL_INPUTS + ("targets", "loss_mask")}
   step_fn = train_step_fn(graphdef, cfg.optimizer, tc.steps, tc.z_loss, tc.grad_accum, mesh)
+  failpoint("state")
 
   restored, start = None, 0
   if stop.requested:  # signalled during start-up: stop before writing anything
@@ -248,6 +250,7 @@ def _train(cfg, workdir, tc, mesh, pi, pc, shards, main, force, process_index, p
   if restored is not None:
     start, state, data_state, _ = restored
     data.set_state(data_state)
+  failpoint("restore")
   if stop.requested:
     ckpt.close()
     return TrainResult(step=start, status="interrupted", history=[], eval_graphdef=eval_graphdef, state=state)
@@ -293,6 +296,7 @@ def _train(cfg, workdir, tc, mesh, pi, pc, shards, main, force, process_index, p
       return
     ckpt.save(step, state, data.get_state(), {"step": step})
     last_saved = step
+    failpoint("save")
 
   pending = None  # (step, metrics) dispatched to the device and not yet fetched
 
@@ -313,6 +317,7 @@ def _train(cfg, workdir, tc, mesh, pi, pc, shards, main, force, process_index, p
       batch = next(data)
       check_batch(batch, cfg.model.vocab_size, step + 1)
       state, metrics = step_fn(state, to_device(batch))
+      failpoint("step")
       flush()  # the previous step's metrics, fetched while this step runs
       done = step + 1
       pending = (done, metrics)

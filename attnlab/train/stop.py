@@ -7,6 +7,7 @@ callers get the handlers for the duration of :func:`train` (``with installed():`
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 
@@ -61,3 +62,26 @@ def installed():
   finally:
     if mine:
       STOP.uninstall()
+
+
+FAILPOINT_ENV = "ATTNLAB_FAILPOINT"
+_HITS: dict[str, int] = {}
+
+
+def failpoint(name: str) -> None:
+  """Fault injection for the tests (``tests/test_faults.py``): with ``ATTNLAB_FAILPOINT=PHASE[:SIGNAL[:N]]`` in the
+  environment, the N-th time (default 1st) this process reaches ``failpoint(PHASE)`` it sends itself SIGNAL
+  (``TERM``, ``INT`` or ``KILL``; default ``TERM``). Phases: ``config`` (configuration built), ``data`` (data and
+  tokenizer opened), ``state`` (train state built), ``restore`` (checkpoint restored), ``step`` (a step
+  dispatched), ``save`` (an asynchronous checkpoint write in flight), ``eval`` (the final evaluation begins).
+  Without the variable: nothing."""
+  spec = os.environ.get(FAILPOINT_ENV)
+  if not spec:
+    return
+  parts = spec.split(":")
+  phase, sig, nth = parts[0], parts[1] if len(parts) > 1 else "TERM", parts[2] if len(parts) > 2 else "1"
+  if phase != name:
+    return
+  _HITS[name] = _HITS.get(name, 0) + 1
+  if _HITS[name] == int(nth):
+    os.kill(os.getpid(), getattr(signal, "SIG" + sig))
