@@ -40,7 +40,7 @@ from attnlab.configs import ConfigError
 from attnlab.parallel.distributed import multi_process, parse_address
 from attnlab.state import NoRestorableCheckpointError
 from attnlab.train import NonFiniteLossError
-from attnlab.train.stop import install as install_stop_handlers
+from attnlab.train.stop import STOP
 
 USAGE_ERROR, RUN_ERROR = 2, 1
 
@@ -201,8 +201,16 @@ def _one_line(e: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
   logging.raiseExceptions = False  # a library's malformed log call prints no "--- Logging error ---" traceback
-  install_stop_handlers()  # SIGTERM/SIGINT from here on: a clean stop, even during start-up
-  argv = sys.argv[1:] if argv is None else argv
+  STOP.clear()
+  mine = STOP.install()  # SIGTERM/SIGINT from here on: a clean stop, even during start-up
+  try:
+    return _main(sys.argv[1:] if argv is None else argv)
+  finally:
+    if mine:
+      STOP.uninstall()
+
+
+def _main(argv: list[str]) -> int:
   command = next((a for a in argv if not a.startswith("-")), "")
   try:
     rest, bindings = _split_gin_flags(argv)

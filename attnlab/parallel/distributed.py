@@ -17,8 +17,11 @@ when a peer's heartbeat (a counter each process bumps in the coordination servic
 from __future__ import annotations
 
 import atexit
+import ctypes
 import dataclasses
 import os
+import re
+import signal
 import sys
 import threading
 import time
@@ -200,6 +203,61 @@ class Watchdog:
 _WATCHDOG: Watchdog | None = None
 
 
+def _fatal_callback(cfg: DistributedConfig):
+  """Replaces the runtime client's default reaction to an error polled from the coordination service (a C++
+  ``LOG(QFATAL)`` abort with a stack dump, rc -6) by one line naming the lost process and exit code 3."""
+
+  def on_error(*args) -> None:
+    status = " ".join(" ".join(str(a).split()) for a in args)[:300]
+    tasks = [int(t) for t in re.findall(r"task:(\d+)", status) if int(t) != cfg.process_id]
+    if tasks:
+      who = f"lost process {tasks[0]}"
+    elif cfg.process_id != 0:
+      who = f"lost process 0 (the coordinator {cfg.coordinator_address})"
+    else:
+      who = "lost a peer process"
+    _lost(f"process {cfg.process_id}: {who} ({status})")
+
+  return on_error
+
+
+_ABORT_HANDLER = None
+_ABORT_HANDLER_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_int)
+
+
+def _exit_on_runtime_abort(cfg: DistributedConfig) -> None:
+  """When JAX's runtime aborts over a lost peer (``std::terminate`` / ``LOG(FATAL)`` in one of its threads: the
+  coordinator's socket closed), exit with one line and code 3 instead of a core dump (a C-level SIGABRT handler;
+  Python-level handlers cannot intercept ``abort()``)."""
+  global _ABORT_HANDLER
+  try:
+    libc = ctypes.CDLL(None)
+    libc.signal.argtypes = [ctypes.c_int, _ABORT_HANDLER_TYPE]
+    libc.signal.restype = ctypes.c_void_p
+  except (OSError, AttributeError):
+    return
+  who = "lost process 0 (the coordinator " + str(cfg.coordinator_address) + ")" if cfg.process_id else \
+      "lost a peer process"
+  _ABORT_HANDLER = _ABORT_HANDLER_TYPE(
+      lambda signum: _lost(f"process {cfg.process_id}: {who}; the JAX distributed runtime stopped"))
+  libc.signal(signal.SIGABRT, _ABORT_HANDLER)
+
+
+class _ClientWithCallback:
+  """``jax._src.lib._jax`` with ``get_distributed_runtime_client`` given our error callback (JAX's initialize has
+  no parameter for it)."""
+
+  def __init__(self, module, callback):
+    self._module, self._callback = module, callback
+
+  def __getattr__(self, name):
+    return getattr(self._module, name)
+
+  def get_distributed_runtime_client(self, *args, **kwargs):
+    kwargs.setdefault("missed_heartbeat_callback", self._callback)
+    return self._module.get_distributed_runtime_client(*args, **kwargs)
+
+
 def initialize(cfg: DistributedConfig) -> None:
   """Starts the multi-controller runtime (and the watchdog) when ``cfg`` asks for it; a no-op for single-process
   runs. A process id or count without a coordinator is a ValueError."""
@@ -211,13 +269,21 @@ def initialize(cfg: DistributedConfig) -> None:
     jax.distributed.initialize()
     return
   watchdog = Watchdog(cfg).start_joining()
-  jax.distributed.initialize(coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes,
-                             process_id=cfg.process_id, local_device_ids=cfg.local_device_ids,
-                             initialization_timeout=cfg.initialization_timeout + _JAX_MARGIN_S,
-                             heartbeat_timeout_seconds=2 * cfg.heartbeat_timeout_seconds + _JAX_MARGIN_S,
-                             coordinator_bind_address=cfg.coordinator_bind_address or cfg.coordinator_address)
+  lib = getattr(_jax_distributed, "_jax", None)
+  if lib is not None:
+    _jax_distributed._jax = _ClientWithCallback(lib, _fatal_callback(cfg))
+  try:
+    jax.distributed.initialize(coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes,
+                               process_id=cfg.process_id, local_device_ids=cfg.local_device_ids,
+                               initialization_timeout=cfg.initialization_timeout + _JAX_MARGIN_S,
+                               heartbeat_timeout_seconds=2 * cfg.heartbeat_timeout_seconds + _JAX_MARGIN_S,
+                               coordinator_bind_address=cfg.coordinator_bind_address or cfg.coordinator_address)
+  finally:
+    if lib is not None:
+      _jax_distributed._jax = lib
   watchdog.joined()
   _WATCHDOG = watchdog.start()
+  _exit_on_runtime_abort(cfg)
 
 
 def shutdown_watchdog() -> None:
