@@ -172,7 +172,6 @@ def test_kill_9_at_random_moments_loses_nothing(reference, tmp_path):
   assert kills >= 2
   assert metrics_steps(d) == list(range(1, STEPS + 1))  # every step once
   assert metrics_losses(d) == reference  # bit-identical curve
-  assert not os.path.exists(os.path.join(d, "corrupt_checkpoints")) or True  # a torn write may be quarantined
 
 
 @pytest.mark.slow
