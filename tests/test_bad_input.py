@@ -15,6 +15,7 @@ from attnlab.cli import main
 from tests.reliability_helpers import SMOKE
 
 T = ["train", "--gin_file", SMOKE, "--gin.TrainConfig.steps=1", "--gin.TrainConfig.eval_at_end=False"]
+W = ["train", "--gin_file", SMOKE, "--workdir", "{tmp}/ws"]  # for rows that bind TrainConfig.steps themselves
 
 
 def g(binding: str, *named: str):
@@ -113,9 +114,9 @@ ROWS = [
     g("OptimizerConfig.grad_clip=0.0", "OptimizerConfig.grad_clip", "0.0"),
     g("OptimizerConfig.grad_clip='none'", "OptimizerConfig.grad_clip", "'none'"),
     # ---- TrainConfig
-    c(["train", "--gin_file", SMOKE, "--workdir", "{tmp}/ws", "--gin.TrainConfig.steps=0"], "TrainConfig.steps", "got 0"),
-    c(["train", "--gin_file", SMOKE, "--workdir", "{tmp}/ws", "--gin.TrainConfig.steps='many'"], "TrainConfig.steps", "'many'"),
-    c(["train", "--gin_file", SMOKE, "--workdir", "{tmp}/ws", "--gin.TrainConfig.steps=2.5"], "TrainConfig.steps", "2.5"),
+    c([*W, "--gin.TrainConfig.steps=0"], "TrainConfig.steps", "got 0"),
+    c([*W, "--gin.TrainConfig.steps='many'"], "TrainConfig.steps", "'many'"),
+    c([*W, "--gin.TrainConfig.steps=2.5"], "TrainConfig.steps", "2.5"),
     g("TrainConfig.grad_accum=0", "TrainConfig.grad_accum", "got 0"),
     g("TrainConfig.log_every=0", "TrainConfig.log_every", "got 0"),
     g("TrainConfig.checkpoint_every=0", "TrainConfig.checkpoint_every", "got 0"),

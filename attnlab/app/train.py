@@ -35,8 +35,9 @@ def run(workdir: str, gin_files: Sequence[str], bindings: Sequence[str] = (), *,
   main = jax.process_index() == 0
   # config.gin is written only once start-up succeeded (config, data, tokenizer, state, restore), next to the run
   # record: a failed start leaves nothing that blocks the corrected rerun.
+  header = f"# attnlab {command_line}\n\n"
   result, evaluation = train_and_evaluate(cfg, workdir, force=force,
-                                          on_started=lambda: write_run_configs(workdir, f"# attnlab {command_line}\n\n"))
+                                          on_started=lambda: write_run_configs(workdir, header))
   if not main:
     return 0
   if result.status == "interrupted" and not result.history and result.step == 0:

@@ -95,7 +95,8 @@ def array_records(tree) -> dict[str, dict]:
 
 
 def _layout(tree) -> dict[str, tuple]:
-  return {jax.tree_util.keystr(p): (list(x.shape), str(x.dtype)) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(p): (list(x.shape), str(x.dtype)) for p, x in flat}
 
 
 def _all_finite(tree) -> bool:

@@ -97,7 +97,8 @@ def train_step_fn(graphdef, opt_cfg: OptimizerConfig, total_steps: int, z_loss: 
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     params = optax.apply_updates(params, updates)
-    metrics = {"finite": all_finite((params, opt_state)), "loss": loss, "ce": parts["ce_sum"] / num_tokens, "z_loss": parts["z_sum"] / num_tokens,
+    metrics = {"finite": all_finite((params, opt_state)),  # the updated state, checked before it can be saved
+               "loss": loss, "ce": parts["ce_sum"] / num_tokens, "z_loss": parts["z_sum"] / num_tokens,
                "aux_loss": parts["aux_loss"], "grad_norm": grad_norm, "lr": schedule(state["step"]),
                "tokens": num_tokens}
     return {"params": params, "rest": rest, "opt_state": opt_state, "step": state["step"] + 1}, metrics
