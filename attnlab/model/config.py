@@ -54,8 +54,8 @@ class ModelConfig:
         raise ValueError(f"ModelConfig.attention must be an attention config (e.g. @AttentionConfig()) or a tuple "
                          f"of them; got {a!r}")
       if a.head_dim is None and self.d_model % a.num_heads:
-        raise ValueError(f"ModelConfig.d_model ({self.d_model}) is not divisible by {type(a).__name__}.num_heads "
-                         f"({a.num_heads}); change one or set head_dim")
+        raise ValueError(f"ModelConfig.d_model ({self.d_model}) is not divisible by num_heads ({a.num_heads}) of "
+                         f"{type(a).__name__}; change one or set head_dim")
     if self.position_embedding not in ("none", "learned"):
       raise ValueError(f"position_embedding must be 'none' or 'learned'; got {self.position_embedding!r}")
     pattern = self.attention_pattern

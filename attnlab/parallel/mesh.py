@@ -31,7 +31,7 @@ class MeshConfig:
       if getattr(self, name) == 0:
         raise ValueError(f"MeshConfig.{name} must be positive or -1 (inferred); got 0")
     if [self.data, self.fsdp, self.tensor].count(-1) > 1:
-      raise ValueError(f"at most one MeshConfig axis may be -1 (inferred); got {self}")
+      raise ValueError(f"at most one mesh axis may be -1 (inferred); got {self}")
 
   def shape(self, num_devices: int) -> tuple[int, ...]:
     sizes = [self.data, self.fsdp, self.tensor]

@@ -173,8 +173,9 @@ def check_workdir(workdir: str, cfg: ExperimentConfig, *, force: bool = False) -
 
 
 def check_vocab(cfg: ExperimentConfig, tokenizer) -> None:
-  """The tokenizer's ids must fit the model's embedding table."""
-  if tokenizer.vocab_size > cfg.model.vocab_size:
+  """The tokenizer's ids must fit the model's embedding table (text sources; synthetic tasks have their own
+  vocabulary, checked batch by batch by :func:`check_batch`)."""
+  if cfg.data.source != "synthetic" and tokenizer.vocab_size > cfg.model.vocab_size:
     raise ValueError(f"DataConfig.tokenizer {cfg.data.tokenizer!r} has {tokenizer.vocab_size} ids, more than "
                      f"ModelConfig.vocab_size ({cfg.model.vocab_size}); set ModelConfig.vocab_size >= "
                      f"{tokenizer.vocab_size}")
