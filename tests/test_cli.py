@@ -36,7 +36,7 @@ def test_rerun_resumes_and_other_config_is_refused(workdir, capsys):
   assert main(["train", "--gin_file", SMOKE, "--workdir", workdir, "--gin.TrainConfig.steps=4"]) == 0
   assert "finished at step 4" in capsys.readouterr().out
   assert main(["train", "--gin_file", SMOKE, "--workdir", workdir, "--gin.TrainConfig.steps=4",
-               "--gin.ModelConfig.d_model=64"]) == 1
+               "--gin.ModelConfig.d_model=64"]) == 2
   assert "different configuration" in capsys.readouterr().err
 
 
@@ -48,12 +48,12 @@ def test_eval_command_reads_workdir_config(workdir, capsys):
 
 
 def test_errors_are_reported(tmp_path, capsys):
-  assert main(["train", "--gin_file", SMOKE, "--workdir", str(tmp_path), "--gin.ModelConfig.d_modle=3"]) == 1
+  assert main(["train", "--gin_file", SMOKE, "--workdir", str(tmp_path), "--gin.ModelConfig.d_modle=3"]) == 2
   assert "d_modle" in capsys.readouterr().err
   assert main(["train", "--gin_file", SMOKE, "--workdir", str(tmp_path), "--gin.DataConfig.source='text'",
-               f"--gin.DataConfig.paths=('{tmp_path}/missing.txt',)"]) == 1
+               f"--gin.DataConfig.paths=('{tmp_path}/missing.txt',)"]) == 2
   assert "missing.txt' does not exist" in capsys.readouterr().err
-  assert main(["eval", "--workdir", str(tmp_path / "none")]) == 1
+  assert main(["eval", "--workdir", str(tmp_path / "none")]) == 2
 
 
 def test_generate_command_continues_the_prompt_as_the_library_does(workdir, capsys):

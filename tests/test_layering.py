@@ -18,7 +18,7 @@ PACKAGES = ("attnlab", "kernels_pallas")
 
 # Bottom to top. A module may import modules of its own layer or of lower layers only.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("attnlab.ops.scores", "attnlab.ops.masks", "attnlab.attention.special_tokens"),  # the contract
+    ("attnlab.fields", "attnlab.ops.scores", "attnlab.ops.masks", "attnlab.attention.special_tokens"),  # the contract
     ("attnlab.ops", "attnlab.layers"),  # the dense reference, linear-attention forms, nn building blocks
     ("kernels_pallas", "attnlab.attention.blocked"),  # Pallas kernels and the pure-JAX blocked path (same tile math)
     ("attnlab.attention.dispatch",),  # attend(): the backend table

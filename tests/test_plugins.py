@@ -91,7 +91,9 @@ def test_plugin_variant_score_and_task_train_and_analyse(tmp_path):
   assert "TempSoftmaxConfig" in (tmp_path / "run" / "config.gin").read_text()
   assert "CountingConfig" in (tmp_path / "run" / "run_config.txt").read_text()
 
-  sinks = _attnlab("sinks", "--workdir", workdir, cwd=tmp_path)
+  refused = _attnlab("sinks", "--workdir", workdir, cwd=tmp_path)  # a workdir is data: its imports need consent
+  assert refused.returncode == 2 and "--trust_workdir_imports" in refused.stderr, refused.stderr[-3000:]
+  sinks = _attnlab("sinks", "--workdir", workdir, "--trust_workdir_imports", cwd=tmp_path)
   assert sinks.returncode == 0, sinks.stderr[-3000:]
   assert json.loads((tmp_path / "run" / "sinks.json").read_text())["step"] == 2
 
@@ -99,5 +101,5 @@ def test_plugin_variant_score_and_task_train_and_analyse(tmp_path):
 def test_missing_plugin_module_is_a_config_error(tmp_path):
   (tmp_path / "bad.gin").write_text("import no_such_plugin_module\n")
   out = _attnlab("train", "--gin_file", "bad.gin", "--workdir", str(tmp_path / "run"), cwd=tmp_path)
-  assert out.returncode == 1
+  assert out.returncode == 2
   assert "no_such_plugin_module" in out.stderr and "Traceback" not in out.stderr

@@ -121,7 +121,7 @@ def test_sinks_command_writes_report(bb_run, capsys):
   assert {"sink_rate.png", "norm_ratio.png", "attention_maps.png", "history.png"} <= set(report["files"])
   for f in report["files"]:
     assert os.path.exists(os.path.join(bb_run, f))
-  assert main(["sinks", "--workdir", os.path.join(bb_run, "missing")]) == 1
+  assert main(["sinks", "--workdir", os.path.join(bb_run, "missing")]) == 2
 
 
 def test_sweep_two_tiny_arms(tmp_path, capsys):
@@ -148,5 +148,5 @@ def test_sweep_two_tiny_arms(tmp_path, capsys):
   assert main(["stream", "--workdir", text_run, "--length", "80", "--streams", "1", "--window", "16"]) == 0
   assert "| sink+window | 4+12 |" in capsys.readouterr().out
   assert (tmp_path / "text/softmax/streaming/streaming.png").exists()
-  assert main(["stream", "--workdir", str(tmp_path / "bb/softmax")]) == 1  # learned positions: refused, named
+  assert main(["stream", "--workdir", str(tmp_path / "bb/softmax")]) == 2  # learned positions: refused, named
   assert "learned absolute position" in capsys.readouterr().err

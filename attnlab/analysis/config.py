@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from attnlab import fields
+
 
 @dataclasses.dataclass(frozen=True)
 class AnalysisConfig:
@@ -21,6 +23,11 @@ class AnalysisConfig:
   eps: float = 0.3
 
   def __post_init__(self):
+    fields.integer("AnalysisConfig", "every", self.every, minimum=0)
+    fields.integer("AnalysisConfig", "seq_len", self.seq_len, minimum=2)
+    for name in ("num_sequences", "k"):
+      fields.integer("AnalysisConfig", name, getattr(self, name))
+    fields.number("AnalysisConfig", "eps", self.eps)
     if self.every < 0 or self.num_sequences < 1 or self.seq_len < 2 or self.k < 1:
       raise ValueError(f"AnalysisConfig needs every >= 0, num_sequences >= 1, seq_len >= 2 and k >= 1; got {self}")
     if not 0.0 < self.eps < 1.0:

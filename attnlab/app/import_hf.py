@@ -24,8 +24,8 @@ import tempfile
 
 import jax
 
-from attnlab.app.train import check_tokenizer
 from attnlab.configs import ConfigError, build_experiment, parse_gin, write_run_configs
+from attnlab.data.tokenizer import check_fits_vocab
 from attnlab.model.config import ModelConfig
 from attnlab.pretrained import hf_model_config, hf_tokenizer, load_hf, read_hf_config
 from attnlab.state import Checkpointer, build_state, init_state
@@ -186,7 +186,7 @@ def import_hf(src: str, workdir: str, *, revision: str | None = None, dtype: str
   if tok is None:
     raise ValueError(f"{src_dir} has no tokenizer.json; attnlab needs the model's tokenizer (eval, sinks, stream, "
                      "train read text with it)")
-  check_tokenizer(tok, model_cfg.vocab_size, f"{src_dir}/tokenizer.json")
+  check_fits_vocab(tok, model_cfg.vocab_size, f"{src_dir}/tokenizer.json")
 
   tokenizer_dir = os.path.join(workdir, TOKENIZER_DIR)
   parse_gin([], experiment_bindings(model_cfg, tokenizer_dir))

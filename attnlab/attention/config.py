@@ -14,6 +14,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from attnlab import fields
 from attnlab.attention.dispatch import implementations
 from attnlab.ops.scores import get_score
 from attnlab.layers import check_rope_scaling
@@ -22,13 +23,6 @@ GATES = (None, "elementwise", "headwise")
 # Sequence length n of sigmoid's default bias b = -log n when neither ``b`` nor ``ScoreFields.bias_len`` is set
 # (the default ModelConfig.max_seq_len; the LM fills ``bias_len`` from its own max_seq_len).
 DEFAULT_BIAS_LEN = 4096
-
-
-def _positive_int(owner: str, name: str, value, *, allow_none: bool = False) -> None:
-  if value is None and allow_none:
-    return
-  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-    raise ValueError(f"{owner}.{name} must be a positive int; got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +43,8 @@ class BaseAttentionConfig:
 
   def __post_init__(self):
     owner = type(self).__name__
-    _positive_int(owner, "num_heads", self.num_heads)
-    _positive_int(owner, "head_dim", self.head_dim, allow_none=True)
+    fields.integer(owner, "num_heads", self.num_heads)
+    fields.integer(owner, "head_dim", self.head_dim, allow_none=True)
     if self.impl not in self.implementations():
       raise ValueError(f"{owner}.impl must be one of {self.implementations()}; got {self.impl!r}")
 
@@ -93,7 +87,7 @@ class GroupedKV(BaseAttentionConfig):
 
   def __post_init__(self):
     super().__post_init__()
-    _positive_int(type(self).__name__, "num_kv_heads", self.num_kv_heads, allow_none=True)
+    fields.integer(type(self).__name__, "num_kv_heads", self.num_kv_heads, allow_none=True)
     if self.num_heads % self.kv_heads:
       raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
 
@@ -168,7 +162,7 @@ class ScoreFields(BaseAttentionConfig):
                        f"{self.score_params!r}")
     object.__setattr__(self, "score_params", tuple(tuple(p) for p in params))
     super().__post_init__()
-    _positive_int(type(self).__name__, "bias_len", self.bias_len, allow_none=True)
+    fields.integer(type(self).__name__, "bias_len", self.bias_len, allow_none=True)
     try:
       get_score(self.score).check_params(self.score_kwargs)
     except (TypeError, ValueError) as e:
@@ -236,7 +230,7 @@ class AttentionConfig(SinkLogit, OutputGateField, QKNorm, RopeVariants, QKVBias,
 
   def __post_init__(self):
     super().__post_init__()
-    _positive_int(type(self).__name__, "window", self.window, allow_none=True)
+    fields.integer(type(self).__name__, "window", self.window, allow_none=True)
     if self.window is not None and not self.causal:
       raise ValueError(f"AttentionConfig.window={self.window} needs causal=True")
 

@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import tokenize
 import warnings
 
 import gin
@@ -108,8 +109,12 @@ def _import_modules(gin_files, search_paths) -> None:
     if path in seen:
       continue
     seen.add(path)
-    with open(path) as f:
-      statements = list(config_parser.ConfigParser(f, _SkipValues()))
+    try:
+      with open(path) as f:
+        statements = list(config_parser.ConfigParser(f, _SkipValues()))
+    except (SyntaxError, tokenize.TokenError) as e:
+      msg = e.msg if isinstance(e, SyntaxError) else e.args[0]
+      raise ConfigError(f"gin file {path!r}: invalid gin syntax ({msg})") from None
     for st in statements:
       if isinstance(st, config_parser.IncludeStatement):
         found = [os.path.join(p, st.filename) for p in gin.config._LOCATION_PREFIXES
@@ -124,28 +129,96 @@ def _import_modules(gin_files, search_paths) -> None:
                             f"nor from the gin search paths ({e})") from e
 
 
-def parse_gin(gin_files=(), bindings=(), *, search_paths=()) -> None:
+class UntrustedCodeError(ConfigError):
+  """A gin file that is data (a workdir's ``config.gin``) asks to import a module or to register functions."""
+
+
+def _included(path: str, filename: str) -> str | None:
+  for p in (*gin.config._LOCATION_PREFIXES, os.path.dirname(os.path.abspath(path))):
+    if os.path.isfile(os.path.join(p, filename)):
+      return os.path.join(p, filename)
+  return None
+
+
+def check_no_code(path: str, trust_hint: str = "") -> None:
+  """Refuses (:class:`UntrustedCodeError`) a gin file that, itself or through its includes, imports a module
+  (``import x``) or turns on gin's dynamic registration (``from __gin__ import dynamic_registration``, which lets
+  a file bind and call any importable function, ``os.system`` included). Such a file is read as data: only the
+  configurables attnlab itself registered can be named in it."""
+  todo, seen = [path], set()
+  while todo:
+    p = todo.pop()
+    if p in seen:
+      continue
+    seen.add(p)
+    try:
+      with open(p) as f:
+        statements = list(config_parser.ConfigParser(f, _SkipValues()))
+    except (OSError, UnicodeDecodeError) as e:
+      raise ConfigError(f"gin file {p!r} is unreadable ({e})") from None
+    except SyntaxError as e:
+      raise ConfigError(f"gin file {p!r}: invalid gin syntax ({e.msg}, line {e.lineno})") from None
+    except tokenize.TokenError as e:
+      raise ConfigError(f"gin file {p!r}: invalid gin syntax ({e.args[0]})") from None
+    for st in statements:
+      if isinstance(st, config_parser.IncludeStatement):
+        found = _included(p, st.filename)
+        if found is None:
+          raise ConfigError(f"gin file {p!r} includes {st.filename!r}, which does not exist")
+        todo.append(found)
+      elif isinstance(st, config_parser.ImportStatement):
+        what = ("turns on gin's dynamic registration (it can call any function)" if st.module.startswith("__gin__")
+                else f"imports the module {st.module!r}")
+        raise UntrustedCodeError(f"{path}{'' if p == path else f' (through {p})'} {what}; opening a workdir runs no "
+                                 f"code from it{trust_hint}")
+
+
+def parse_gin(gin_files=(), bindings=(), *, search_paths=(), untrusted=()) -> None:
   """Clears gin, imports the gin files' ``import`` modules, registers the configs and parses ``gin_files`` then
   ``bindings`` (later ones win). Files and ``include`` paths resolve against the search paths, the current
-  directory, each file's folder and its parent, and the packaged experiments."""
+  directory, each file's folder and its parent, and the packaged experiments. ``untrusted``: files (among
+  ``gin_files``) read as data: any import or dynamic registration in them (or their includes) is refused before
+  anything is imported (:func:`check_no_code`)."""
   gin.clear_config(clear_constants=True)
   gin_files = [resolve_path(f) for f in gin_files]
   for f in gin_files:
     if not os.path.isfile(f):
-      raise ConfigError(f"gin file {f!r} does not exist")
+      raise ConfigError(f"gin file {f!r} does not exist" if not os.path.isdir(f) else
+                        f"gin file {f!r} is a directory")
   packaged = packaged_experiments()
   file_dirs = [d for f in gin_files for d in (os.path.dirname(os.path.abspath(f)),
                                               os.path.dirname(os.path.dirname(os.path.abspath(f))))]
   for p in (*search_paths, os.getcwd(), *file_dirs, *([os.path.dirname(packaged)] if packaged else [])):
     gin.add_config_file_search_path(p)
+  for f in untrusted:
+    check_no_code(resolve_path(f), " (pass --trust_workdir_imports if you trust it)")
+  for b in bindings:
+    if not str(b).strip() or str(b).strip().endswith("="):
+      raise ConfigError(f"gin binding {str(b)!r} has no value (write KEY=VALUE)")
   try:
     _import_modules(gin_files, search_paths)
     register_configurables()
     gin.parse_config_files_and_bindings(gin_files, list(bindings))
   except ConfigError:
     raise
-  except (ValueError, KeyError, SyntaxError, TypeError, IOError) as e:
-    raise ConfigError(f"invalid gin configuration: {e}") from e
+  except tokenize.TokenError as e:
+    raise ConfigError(f"invalid gin syntax in {', '.join(gin_files) or 'the bindings'}: {e.args[0]} (an unclosed "
+                      f"bracket?) in {' '.join(map(str, bindings)) or 'the files'}") from None
+  except SyntaxError as e:
+    where = f" in {e.filename}" if e.filename and e.filename != "<string>" else ""
+    raise ConfigError(f"invalid gin syntax{where}: {e.msg} at line {e.lineno}: {(e.text or '').strip()!r}") from None
+  except (ValueError, KeyError, TypeError, IOError, AttributeError, NameError, ImportError) as e:
+    raise ConfigError(f"invalid gin configuration: {_one_line(e)}") from None
+
+
+def _gin_message(e: BaseException) -> str:
+  """The error without the "In call to configurable ..." lines gin appends."""
+  return _one_line(str(e).split("\n  In call to configurable")[0])
+
+
+def _one_line(e) -> str:
+  text = " ".join(str(e).split())
+  return text[:500] if text else type(e).__name__
 
 
 def _unused_bindings() -> list[str]:
@@ -162,7 +235,7 @@ def build_distributed() -> DistributedConfig:
   try:
     return _WRAPPED[DistributedConfig]()
   except (TypeError, ValueError) as e:
-    raise ConfigError(f"invalid DistributedConfig: {e}") from e
+    raise ConfigError(_gin_message(e)) from None
 
 
 def build_experiment() -> ExperimentConfig:
@@ -173,9 +246,9 @@ def build_experiment() -> ExperimentConfig:
     parts = {k: _WRAPPED[cls]() for k, cls in PARTS.items()}
     cfg = ExperimentConfig(**parts)
   except TypeError as e:
-    raise ConfigError(f"cannot build the configuration: {e}") from e
+    raise ConfigError(f"cannot build the configuration: {_gin_message(e)}") from None
   except ValueError as e:
-    raise ConfigError(f"invalid configuration: {e}") from e
+    raise ConfigError(_gin_message(e)) from None
   unused = _unused_bindings()
   if unused:
     warnings.warn(f"gin bindings not used by this configuration: {', '.join(unused)}", stacklevel=2)

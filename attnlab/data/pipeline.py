@@ -25,6 +25,7 @@ from attnlab.data.packing import (BOS_MODES, Batch, concat_documents, iter_packe
                                   rows_to_batch)
 from attnlab.data.special_tokens import LandmarkTokens, MetaTokens, interleave
 from attnlab.data.tokenizer import make_tokenizer
+from attnlab import fields
 
 SOURCES = ("embedded", "text", "json", "parquet", "files", "hub", "synthetic")
 ROW_OFFSETS = ("grid", "random")
@@ -70,8 +71,16 @@ class DataConfig:
   row_offsets: str = "grid"
 
   def __post_init__(self):
-    object.__setattr__(self, "paths", tuple(self.paths))
-    object.__setattr__(self, "eval_paths", tuple(self.eval_paths))
+    object.__setattr__(self, "paths", fields.paths("DataConfig", "paths", self.paths))
+    object.__setattr__(self, "eval_paths", fields.paths("DataConfig", "eval_paths", self.eval_paths))
+    fields.integer("DataConfig", "seq_len", self.seq_len, minimum=2)
+    for name in ("batch_size", "shuffle_buffer", "heldout_every"):
+      fields.integer("DataConfig", name, getattr(self, name))
+    fields.integer("DataConfig", "seed", self.seed, minimum=0)
+    fields.string("DataConfig", "tokenizer", self.tokenizer)
+    fields.string("DataConfig", "text_field", self.text_field)
+    for name in ("shuffle", "streaming", "document_mask"):
+      fields.boolean("DataConfig", name, getattr(self, name))
     if self.source not in SOURCES:
       raise ValueError(f"unknown data source {self.source!r}; choose one of {SOURCES}")
     if (self.source == "synthetic") != (self.task is not None):

@@ -8,6 +8,7 @@ Local files are read with ``datasets`` in streaming mode (no Arrow cache is writ
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator
 
@@ -22,6 +23,8 @@ def check_files(paths: tuple[str, ...]) -> None:
   if not paths:
     raise ValueError("no dataset files given (DataConfig.paths is empty)")
   for p in paths:
+    if os.path.isdir(p):
+      raise ValueError(f"dataset file {p!r} is a directory (DataConfig.paths lists files)")
     if not os.path.isfile(p):
       raise ValueError(f"dataset file {p!r} does not exist")
     if os.path.getsize(p) == 0:
@@ -82,18 +85,38 @@ def hf_documents(builder_or_name: str, *, data_files=None, config_name: str | No
     ds = split_dataset_by_node(ds, rank=process_index, world_size=process_count)
   if shuffle_seed is not None:
     ds = ds.shuffle(seed=shuffle_seed, buffer_size=shuffle_buffer)
-  for ex in ds:
+  where = list(data_files) if data_files else builder_or_name
+  examples = iter(ds)
+  for i in itertools.count():
+    try:
+      ex = next(examples)
+    except StopIteration:
+      return
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError, OSError) as e:
+      if isinstance(e, ConnectionError) or not data_files:
+        raise
+      raise ValueError(f"dataset files {where} are malformed near example {i} ({' '.join(str(e).split())[:300]})") \
+          from None
+    except Exception as e:  # noqa: BLE001 (pyarrow / datasets parse errors have their own types)
+      if not data_files:
+        raise
+      raise ValueError(f"dataset files {where} are malformed near example {i} ({type(e).__name__}: "
+                       f"{' '.join(str(e).split())[:300]})") from None
     if text_field not in ex:
       raise ValueError(f"field {text_field!r} not in the dataset's examples (fields: {sorted(ex)}); set "
                        "DataConfig.text_field")
+    value = ex[text_field]
+    if not isinstance(value, str):
+      raise ValueError(f"dataset {where}: example {i} has {text_field!r} = {value!r} ({type(value).__name__}); "
+                       f"DataConfig.text_field must name a string field")
     if builder_or_name == "text" and text_documents == "size":
-      yield from split_by_size(ex[text_field], doc_chars)
+      yield from split_by_size(value, doc_chars)
     elif builder_or_name == "text" and text_documents == "paragraph":
-      doc = ex[text_field].strip()
+      doc = value.strip()
       if doc:
         yield doc
     else:
-      yield ex[text_field]
+      yield value
 
 
 def local_documents(source: str, paths: tuple[str, ...], text_field: str = "text", *,
@@ -101,8 +124,14 @@ def local_documents(source: str, paths: tuple[str, ...], text_field: str = "text
   """Every document of local files, in file order (``text`` files: by ``text_documents``, see
   :func:`hf_documents`)."""
   check_files(paths)
-  docs = [d for d in hf_documents(builder_for(source, paths), data_files=paths, text_field=text_field,
-                                  text_documents=text_documents, doc_chars=doc_chars) if d]
+  try:
+    docs = [d for d in hf_documents(builder_for(source, paths), data_files=paths, text_field=text_field,
+                                    text_documents=text_documents, doc_chars=doc_chars) if d]
+  except Exception as e:  # noqa: BLE001 (datasets / pyarrow parse errors have many types)
+    if type(e) is ValueError:  # noqa: E721 (ours, already naming the file; pyarrow's errors subclass ValueError)
+      raise
+    raise ValueError(f"dataset files {list(paths)} are malformed ({type(e).__name__}: "
+                     f"{' '.join(str(e).split())[:300]})") from None
   if not docs:
     raise ValueError(f"dataset files {list(paths)} hold no non-empty documents")
   return docs

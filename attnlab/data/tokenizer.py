@@ -56,7 +56,7 @@ class HFTokenizer:
     if not os.path.isfile(path):
       raise ValueError(f"tokenizer file {path!r} does not exist")
     from tokenizers import Tokenizer as _Tok  # optional dependency (extra "hf")
-    self._tok = _Tok.from_file(path)
+    self._tok = _load(_Tok, path)
     base = self._tok.get_vocab_size(with_added_tokens=True)
     extra = 0
     ids = []
@@ -121,6 +121,14 @@ class HFTokenizer:
     return out
 
 
+def _load(tok_cls, path: str):
+  try:
+    return tok_cls.from_file(path)
+  except Exception as e:  # noqa: BLE001 (tokenizers raises a bare Exception on a malformed file)
+    raise ValueError(f"tokenizer file {path!r} is not a valid tokenizer.json ({' '.join(str(e).split())[:200]})") \
+        from None
+
+
 def _read_json(path: str) -> dict:
   if not os.path.isfile(path):
     return {}
@@ -136,6 +144,20 @@ def make_tokenizer(spec: str = "byte") -> Tokenizer:
   """``"byte"``, the path of a local ``tokenizer.json`` (BOS/EOS/PAD looked up as ``<s>``, ``</s>``, ``<pad>``), or
   a directory holding a Hugging Face checkpoint's tokenizer files (BOS/EOS/PAD from its own files, see
   :meth:`HFTokenizer.from_pretrained_dir`; what ``attnlab import`` writes)."""
+  if not isinstance(spec, str) or not spec:
+    raise ValueError(f"DataConfig.tokenizer must be 'byte', the path of a tokenizer.json or a tokenizer directory; "
+                     f"got {spec!r}")
   if spec == "byte":
     return ByteTokenizer()
   return HFTokenizer.from_pretrained_dir(spec) if os.path.isdir(spec) else HFTokenizer(spec)
+
+
+def check_fits_vocab(tokenizer: Tokenizer, vocab_size: int, where: str) -> None:
+  """A tokenizer whose ids (its vocabulary, BOS/EOS/PAD) reach past the model's ``vocab_size`` is an error: they
+  would index past the embedding table (NaN losses)."""
+  ids = {"its vocabulary": tokenizer.vocab_size - 1, "BOS": tokenizer.bos_id, "EOS": tokenizer.eos_id,
+         "PAD": tokenizer.pad_id}
+  bad = {k: v for k, v in ids.items() if v >= vocab_size}
+  if bad:
+    raise ValueError(f"{where}: token ids must be < ModelConfig.vocab_size ({vocab_size}), but the tokenizer's "
+                     + ", ".join(f"{k} {'reaches ' if k.startswith('its') else 'is '}{v}" for k, v in bad.items()))

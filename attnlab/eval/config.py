@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from attnlab import fields
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
@@ -26,9 +28,14 @@ class EvalConfig:
   in_training_batches: int = 2  # held-out batches for the eval every TrainConfig.eval_every steps
 
   def __post_init__(self):
-    object.__setattr__(self, "length_factors", tuple(self.length_factors))
-    object.__setattr__(self, "passkey_lengths", tuple(self.passkey_lengths))
-    if any(f < 1 for f in self.length_factors):
-      raise ValueError(f"length_factors must be >= 1; got {self.length_factors}")
+    o = "EvalConfig"
+    object.__setattr__(self, "length_factors", fields.int_tuple(o, "length_factors", self.length_factors))
+    object.__setattr__(self, "passkey_lengths", fields.int_tuple(o, "passkey_lengths", self.passkey_lengths))
+    fields.integer(o, "num_batches", self.num_batches, minimum=0)
+    fields.integer(o, "batch_size", self.batch_size, allow_none=True)
+    fields.integer(o, "passkey_examples", self.passkey_examples)
+    fields.integer(o, "passkey_digits", self.passkey_digits)
+    fields.integer(o, "landmark_chunk_len", self.landmark_chunk_len, allow_none=True)
+    fields.integer(o, "in_training_batches", self.in_training_batches)
     if self.passkey_inference not in ("auto", "forward", "landmark"):
       raise ValueError(f"passkey_inference must be 'auto', 'forward' or 'landmark'; got {self.passkey_inference!r}")

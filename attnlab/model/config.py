@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 from attnlab.attention.config import AttentionConfig, BaseAttentionConfig, ScoreFields
+from attnlab.layers import MLP_ACTIVATIONS
+from attnlab import fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +38,24 @@ class ModelConfig:
   def __post_init__(self):
     if isinstance(self.attention, list):
       object.__setattr__(self, "attention", tuple(self.attention))
+    o = "ModelConfig"
+    for name in ("vocab_size", "d_model", "num_layers", "max_seq_len"):
+      fields.integer(o, name, getattr(self, name))
+    fields.integer(o, "mlp_dim", self.mlp_dim, allow_none=True)
+    fields.choice(o, "mlp_activation", self.mlp_activation, MLP_ACTIVATIONS)
+    fields.choice(o, "norm", self.norm, ("rmsnorm", "layernorm"))
+    fields.number(o, "norm_eps", self.norm_eps, low=0.0, low_open=True)
+    fields.choice(o, "init", self.init, ("gpt", "pytorch"))
+    fields.choice(o, "dtype", self.dtype, ("float32", "bfloat16", "float16"))
+    for name in ("tie_embeddings", "parallel_residual", "mlp_bias", "norm_fast_variance"):
+      fields.boolean(o, name, getattr(self, name))
+    for a in self.attention_pattern:
+      if not isinstance(a, BaseAttentionConfig):
+        raise ValueError(f"ModelConfig.attention must be an attention config (e.g. @AttentionConfig()) or a tuple "
+                         f"of them; got {a!r}")
+      if a.head_dim is None and self.d_model % a.num_heads:
+        raise ValueError(f"ModelConfig.d_model ({self.d_model}) is not divisible by num_heads ({a.num_heads}) of "
+                         f"{type(a).__name__}; change one or set head_dim")
     if self.position_embedding not in ("none", "learned"):
       raise ValueError(f"position_embedding must be 'none' or 'learned'; got {self.position_embedding!r}")
     pattern = self.attention_pattern

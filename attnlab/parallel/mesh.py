@@ -10,6 +10,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
+from attnlab import fields
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
@@ -22,6 +24,14 @@ class MeshConfig:
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
+
+  def __post_init__(self):
+    for name in MESH_AXES:
+      fields.integer("MeshConfig", name, getattr(self, name), minimum=-1)
+      if getattr(self, name) == 0:
+        raise ValueError(f"MeshConfig.{name} must be positive or -1 (inferred); got 0")
+    if [self.data, self.fsdp, self.tensor].count(-1) > 1:
+      raise ValueError(f"at most one mesh axis may be -1 (inferred); got {self}")
 
   def shape(self, num_devices: int) -> tuple[int, ...]:
     sizes = [self.data, self.fsdp, self.tensor]

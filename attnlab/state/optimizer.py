@@ -8,6 +8,8 @@ import dataclasses
 import jax
 import optax
 
+from attnlab import fields
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
@@ -29,10 +31,19 @@ class OptimizerConfig:
   grad_clip: float | None = 1.0
 
   def __post_init__(self):
-    if self.decay not in ("cosine", "linear", "constant"):
-      raise ValueError(f"decay must be 'cosine', 'linear' or 'constant'; got {self.decay!r}")
-    if self.learning_rate <= 0 or self.warmup_steps < 0:
-      raise ValueError("learning_rate must be positive and warmup_steps non-negative")
+    o = "OptimizerConfig"
+    fields.choice(o, "decay", self.decay, ("cosine", "linear", "constant"))
+    fields.number(o, "learning_rate", self.learning_rate, low=0.0, low_open=True)
+    fields.integer(o, "warmup_steps", self.warmup_steps, minimum=0)
+    fields.integer(o, "decay_steps", self.decay_steps, allow_none=True)
+    fields.number(o, "final_lr_fraction", self.final_lr_fraction, low=0.0, high=1.0)
+    fields.number(o, "b1", self.b1, low=0.0, high=1.0, high_open=True)
+    fields.number(o, "b2", self.b2, low=0.0, high=1.0, high_open=True)
+    fields.number(o, "eps", self.eps, low=0.0, low_open=True)
+    fields.number(o, "weight_decay", self.weight_decay, low=0.0)
+    fields.boolean(o, "decay_embeddings", self.decay_embeddings)
+    fields.boolean(o, "decay_norms_and_biases", self.decay_norms_and_biases)
+    fields.number(o, "grad_clip", self.grad_clip, low=0.0, low_open=True, allow_none=True)
 
 
 def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:

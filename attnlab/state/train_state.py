@@ -7,6 +7,8 @@ The train state is a dict of pytrees: ``params`` (the ``nnx.Param`` state, float
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -51,7 +53,10 @@ def build_sharded_state(cfg, mesh, rules=DEFAULT_RULES):
 
 
 def restore_state(cfg, workdir: str):
-  """(step, eval graphdef, train state) of the newest readable checkpoint of ``workdir``; ValueError if none."""
+  """(step, eval graphdef, train state) of the newest readable checkpoint of ``workdir``; ValueError if none
+  (nothing is created in a workdir without checkpoints)."""
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise ValueError(f"no checkpoint in {workdir!r} to restore")
   _, eval_graphdef, state = build_state(cfg)
   ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
   try:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from attnlab import fields
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -23,5 +25,12 @@ class TrainConfig:
   progress: bool = True  # tqdm progress bar
 
   def __post_init__(self):
-    if self.steps < 1 or self.grad_accum < 1 or self.log_every < 1 or self.checkpoint_every < 1:
-      raise ValueError("steps, grad_accum, log_every and checkpoint_every must be positive")
+    o = "TrainConfig"
+    for name in ("steps", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
+      fields.integer(o, name, getattr(self, name))
+    fields.integer(o, "seed", self.seed, minimum=0)
+    fields.integer(o, "eval_every", self.eval_every, minimum=0)
+    fields.number(o, "z_loss", self.z_loss, low=0.0)
+    fields.number(o, "peak_flops", self.peak_flops, low=0.0)
+    for name in ("async_checkpoint", "eval_at_end", "progress"):
+      fields.boolean(o, name, getattr(self, name))

@@ -43,16 +43,38 @@ def measure_matmul_peak(n: int = 1024, repeats: int = 5) -> float:
   return 2 * n ** 3 / best
 
 
+def truncate_rows(path: str, resume_step: int) -> None:
+  """Drops the rows a resumed run will write again: every row after ``resume_step`` (every row when starting at
+  step 0), and a torn last line; atomic. So ``metrics.jsonl`` holds each step once after any number of resumes."""
+  if not os.path.exists(path):
+    return
+  keep = []
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except ValueError:
+        continue  # a line torn by a kill
+      if resume_step > 0 and isinstance(row, dict) and row.get("step", 0) <= resume_step:
+        keep.append(json.dumps(row) + "\n")
+  with open(path + ".tmp", "w") as f:
+    f.writelines(keep)
+  os.replace(path + ".tmp", path)
+
+
 class MetricsWriter:
   """Appends one JSON object per log step to ``metrics.jsonl`` and mirrors scalars to TensorBoard. An inactive
   writer (every process but 0 of a multi-process run) writes nothing."""
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True, active: bool = True):
+  def __init__(self, workdir: str, *, tensorboard: bool = True, active: bool = True, resume_step: int | None = None):
     self.active = active
     if not active:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    path = os.path.join(workdir, "metrics.jsonl")
+    if resume_step is not None:
+      truncate_rows(path, resume_step)
+    self._jsonl = open(path, "a")
     self._tb = None
     if tensorboard:
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))

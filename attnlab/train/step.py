@@ -59,6 +59,14 @@ class ShardedStep:
       return self.jitted(state)(state, batch)
 
 
+def all_finite(tree) -> jax.Array:
+  """1.0 when every floating-point leaf of ``tree`` is finite, else 0.0 (one fused reduction per leaf, computed
+  inside the step so that a state is known finite before it is ever saved)."""
+  oks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+         if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(oks)).astype(jnp.float32) if oks else jnp.ones((), jnp.float32)
+
+
 @functools.lru_cache(maxsize=16)
 def train_step_fn(graphdef, opt_cfg: OptimizerConfig, total_steps: int, z_loss: float, grad_accum: int,
                   mesh: jax.sharding.Mesh | None = None, rules=DEFAULT_RULES):
@@ -89,7 +97,8 @@ def train_step_fn(graphdef, opt_cfg: OptimizerConfig, total_steps: int, z_loss: 
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     params = optax.apply_updates(params, updates)
-    metrics = {"loss": loss, "ce": parts["ce_sum"] / num_tokens, "z_loss": parts["z_sum"] / num_tokens,
+    metrics = {"finite": all_finite((params, opt_state)),  # the updated state, checked before it can be saved
+               "loss": loss, "ce": parts["ce_sum"] / num_tokens, "z_loss": parts["z_sum"] / num_tokens,
                "aux_loss": parts["aux_loss"], "grad_norm": grad_norm, "lr": schedule(state["step"]),
                "tokens": num_tokens}
     return {"params": params, "rest": rest, "opt_state": opt_state, "step": state["step"] + 1}, metrics
