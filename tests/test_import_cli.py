@@ -120,7 +120,7 @@ def test_eval_sinks_stream_on_an_import(family, imported, capsys):
   capsys.readouterr()
   rc = main(["stream", "--workdir", w, "--length", "48", "--streams", "1", "--window", "16", "--sinks", "4"])
   if family == "gpt2":  # learned absolute positions: a cache cannot re-position them (StreamingLLM needs RoPE)
-    assert rc == 1 and "learned absolute position" in capsys.readouterr().err
+    assert rc == 2 and "learned absolute position" in capsys.readouterr().err
   else:
     assert rc == 0 and os.path.isfile(os.path.join(w, "streaming", "streaming.json"))
 
@@ -139,7 +139,7 @@ def test_train_after_adding_parameters(family, change, new, imported, tmp_path, 
   shutil.copytree(imported[family], w2)
   before, _ = load(w)
   pb = _params(before)
-  assert main(_train(w)) == 1 and "different configuration" in capsys.readouterr().err  # steps differ: --force
+  assert main(_train(w)) == 2 and "different configuration" in capsys.readouterr().err  # steps differ: --force
   assert main(_train(w, "--force")) == 0  # continued training of the imported model, nothing to adapt
   out = capsys.readouterr().out
   assert "finished at step 2" in out and "initialised" not in out
@@ -160,7 +160,7 @@ def test_train_after_adding_parameters(family, change, new, imported, tmp_path, 
 
 
 def _one_line_error(args, capsys, match):
-  assert main(args) == 1
+  assert main(args) == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and match in err, err
   return err
@@ -198,7 +198,7 @@ def test_bad_inputs_are_one_line_and_write_nothing(sources, imported, tmp_path, 
   t["model.layers.0.mlp.up_proj.weight"] = t["model.layers.0.mlp.up_proj.weight"][:-1]
   write_safetensors(os.path.join(d, "model.safetensors"), t)
   cases.append((d, "model.layers.0.mlp.up_proj.weight"))
-  cases.append((_copy(llama, tmp_path / "vocab", vocab_size=100), "vocab_size 100"))
+  cases.append((_copy(llama, tmp_path / "vocab", vocab_size=100), "ModelConfig.vocab_size (100)"))
   d = _copy(llama, tmp_path / "notok")
   os.remove(os.path.join(d, "tokenizer.json"))
   cases.append((d, "no tokenizer.json"))
@@ -242,8 +242,8 @@ import sys
 from attnlab.cli import main
 w = sys.argv[1]
 assert main(["import", "--hf", "attnlab-test/tiny-llama", "--workdir", w + "/hub"]) == 0
-assert main(["import", "--hf", "attnlab-test/tiny-llama", "--revision", "step1000", "--workdir", w + "/rev"]) == 1
-assert main(["import", "--hf", "attnlab-test/not-cached", "--workdir", w + "/none"]) == 1
+assert main(["import", "--hf", "attnlab-test/tiny-llama", "--revision", "step1000", "--workdir", w + "/rev"]) == 2
+assert main(["import", "--hf", "attnlab-test/not-cached", "--workdir", w + "/none"]) == 2
 """
 
 
@@ -270,7 +270,7 @@ def test_train_refuses_a_tokenizer_beyond_vocab_size(sources, tmp_path, capsys):
   # 258+ ids and "<s>"/"</s>"/"<pad>" appended after them, against the byte-level default vocab_size 259
   _one_line_error(["train", "--gin_file", "experiments/smoke_tiny.gin", "--workdir", str(tmp_path / "w"),
                    f"--gin.DataConfig.tokenizer='{sources['gpt2']}/tokenizer.json'"], capsys,
-                  "must be < the model's vocab_size 259")
+                  "do not fit ModelConfig.vocab_size (259)")
 
 
 def test_pytorch_model_bin_checkpoint(sources, tmp_path):

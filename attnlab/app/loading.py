@@ -23,6 +23,7 @@ from flax import nnx
 
 from attnlab.app.workdir import open_workdir
 from attnlab.state import Checkpointer, build_state, restore_state
+from attnlab.state.checkpoint import CHECKSUMS
 from attnlab.train import ExperimentConfig
 
 REPLACED = "replaced_checkpoints"
@@ -89,8 +90,8 @@ def adapt_checkpoint(cfg: ExperimentConfig, workdir: str) -> str | None:
     return None
   for k in sorted(set(old) & set(want)):
     if _saved_form(old[k]) != _saved_form(want[k]):
-      raise ValueError(f"cannot restore checkpoint {step} of {workdir!r} into this configuration: {k} is "
-                       f"{_saved_form(old[k])} there and {_saved_form(want[k])} here")
+      raise ValueError(f"checkpoint {step} of {workdir!r} holds a model of another configuration: {k} is "
+                       f"{_saved_form(old[k])} there and {_saved_form(want[k])} here; nothing was moved")
   _, _, fresh = build_state(cfg)
 
   def pick(path, x):
@@ -114,6 +115,11 @@ def adapt_checkpoint(cfg: ExperimentConfig, workdir: str) -> str | None:
     os.makedirs(os.path.dirname(replaced), exist_ok=True)
     os.rename(os.path.join(workdir, "checkpoints", str(step)), replaced)
     os.rename(os.path.join(tmp, "checkpoints", str(step)), os.path.join(workdir, "checkpoints", str(step)))
+    record = os.path.join(CHECKSUMS, f"{step}.json")  # the integrity record travels with its checkpoint
+    if os.path.exists(os.path.join(workdir, record)):
+      os.replace(os.path.join(workdir, record), os.path.join(replaced, "attnlab_checksums.json"))
+    os.makedirs(os.path.join(workdir, CHECKSUMS), exist_ok=True)
+    os.replace(os.path.join(tmp, record), os.path.join(workdir, record))
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   new_params = [k for k in new if k.startswith("params/")]

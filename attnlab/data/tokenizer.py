@@ -155,9 +155,9 @@ def make_tokenizer(spec: str = "byte") -> Tokenizer:
 def check_fits_vocab(tokenizer: Tokenizer, vocab_size: int, where: str) -> None:
   """A tokenizer whose ids (its vocabulary, BOS/EOS/PAD) reach past the model's ``vocab_size`` is an error: they
   would index past the embedding table (NaN losses)."""
-  ids = {"its vocabulary": tokenizer.vocab_size - 1, "BOS": tokenizer.bos_id, "EOS": tokenizer.eos_id,
-         "PAD": tokenizer.pad_id}
-  bad = {k: v for k, v in ids.items() if v >= vocab_size}
-  if bad:
-    raise ValueError(f"{where}: token ids must be < ModelConfig.vocab_size ({vocab_size}), but the tokenizer's "
-                     + ", ".join(f"{k} {'reaches ' if k.startswith('its') else 'is '}{v}" for k, v in bad.items()))
+  special = {"BOS": tokenizer.bos_id, "EOS": tokenizer.eos_id, "PAD": tokenizer.pad_id}
+  if tokenizer.vocab_size > vocab_size or max(special.values()) >= vocab_size:
+    raise ValueError(f"{where}: the tokenizer has {tokenizer.vocab_size} ids ("
+                     + ", ".join(f"{k} {v}" for k, v in special.items())
+                     + f"), which do not fit ModelConfig.vocab_size ({vocab_size}); set ModelConfig.vocab_size >= "
+                     f"{max(tokenizer.vocab_size, max(special.values()) + 1)}")
