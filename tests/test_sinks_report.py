@@ -75,7 +75,7 @@ def test_sinks_all_steps_step_and_html(bb_run, capsys, tmp_path):
   assert rep["step"] == 2 and rep["probe"] == {"batch": 3, "seq": 64} and rep["probe_source"] == str(probe)
   assert json.load(open(os.path.join(where, "sinks_no_bos", "sinks.json")))["probe_bos"] is False
   check_report(out[-1])
-  assert main(["sinks", "--workdir", bb_run, "--step", "3"]) == 1
+  assert main(["sinks", "--workdir", bb_run, "--step", "3"]) == 2
   assert "kept steps: [2, 4]" in capsys.readouterr().err
 
 
