@@ -78,6 +78,24 @@ def test_1_workdir_config_runs_no_code(run, tmp_path, capsys, evil):
   assert not marker.exists() and "evil_plugin_rel" not in __import__("sys").modules
 
 
+def test_1_workdir_include_imports_no_package(run, tmp_path, capsys):
+  """gin reads an ``include 'a/b/x.gin'`` it cannot open as a file as a resource of the package ``a.b``, which
+  imports ``a``: a workdir's include must never get there."""
+  d = _copy(run, tmp_path)
+  marker = tmp_path / "pwned"
+  pkg = tmp_path / "evilpkg_inc"
+  pkg.mkdir()
+  (pkg / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+  os.makedirs(os.path.join(d, "evilpkg_inc", "sub"))
+  with open(os.path.join(d, "evilpkg_inc", "sub", "x.gin"), "w") as f:
+    f.write("TrainConfig.eval_at_end = False\n")
+  with open(os.path.join(d, "config.gin"), "a") as f:
+    f.write("include 'evilpkg_inc/sub/x.gin'\n")
+  main(["eval", "--workdir", d, "--gin_search_path", str(tmp_path)])
+  capsys.readouterr()
+  assert not marker.exists() and "evilpkg_inc" not in __import__("sys").modules
+
+
 # 2 -----------------------------------------------------------------------------------------------------------------
 def test_2_non_finite_state_is_never_saved(cfg, tmp_path):
   bad = dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, learning_rate=1e6, grad_clip=None,

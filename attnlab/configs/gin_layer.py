@@ -9,6 +9,7 @@ variants (``AttentionConfig`` subclasses) and data tasks; the configurables are 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -173,12 +174,25 @@ def check_no_code(path: str, trust_hint: str = "") -> None:
                                  f"code from it{trust_hint}")
 
 
+@contextlib.contextmanager
+def _includes_from_files_only(active: bool):
+  """While ``active``, gin opens includes only as files: its other reader (``gin.resource_reader``) reads
+  ``include 'a/b/x.gin'`` as a resource of the package ``a.b``, which imports ``a`` and runs its code."""
+  readers = gin.config._FILE_READERS
+  if active:
+    gin.config._FILE_READERS = [(open, os.path.isfile)]
+  try:
+    yield
+  finally:
+    gin.config._FILE_READERS = readers
+
+
 def parse_gin(gin_files=(), bindings=(), *, search_paths=(), untrusted=()) -> None:
   """Clears gin, imports the gin files' ``import`` modules, registers the configs and parses ``gin_files`` then
   ``bindings`` (later ones win). Files and ``include`` paths resolve against the search paths, the current
   directory, each file's folder and its parent, and the packaged experiments. ``untrusted``: files (among
   ``gin_files``) read as data: any import or dynamic registration in them (or their includes) is refused before
-  anything is imported (:func:`check_no_code`)."""
+  anything is imported (:func:`check_no_code`), and includes are then opened only as files."""
   gin.clear_config(clear_constants=True)
   gin_files = [resolve_path(f) for f in gin_files]
   for f in gin_files:
@@ -198,7 +212,8 @@ def parse_gin(gin_files=(), bindings=(), *, search_paths=(), untrusted=()) -> No
   try:
     _import_modules(gin_files, search_paths)
     register_configurables()
-    gin.parse_config_files_and_bindings(gin_files, list(bindings))
+    with _includes_from_files_only(bool(untrusted)):
+      gin.parse_config_files_and_bindings(gin_files, list(bindings))
   except ConfigError:
     raise
   except tokenize.TokenError as e:
