@@ -8,6 +8,7 @@
                   [--pos_shift on|off|both]   (StreamingLLM: full / window / sink + window, one subdirectory of
                   DIR/streaming/ per setting)
     attnlab sweep [--sweep experiments/sinks] --workdir DIR [--short] [--tasks bb,text] [--arms softmax,relu]
+                  [--seeds 0,1,2]
                   [--gin.KEY=VALUE ...]   (train + analyse every arm; DIR/sink_table.{md,json,png})
     attnlab demo  [--workdir runs/demo]   (= make demo: attnlab sweep --short, ~10 min on a 2-core CPU)
     attnlab import --hf SRC --workdir DIR [--revision REV] [--dtype float32|bfloat16] [--max_seq_len N]
@@ -82,6 +83,16 @@ def _int_at_least(minimum: int):
   return parse
 
 
+def _seeds(text: str) -> tuple[int, ...]:
+  parts = [t.strip() for t in text.split(",")]
+  if not all(t.isdigit() for t in parts):
+    raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0 (e.g. 0,1,2); got {text!r}")
+  seeds = tuple(int(t) for t in parts)
+  if len(set(seeds)) != len(seeds):
+    raise argparse.ArgumentTypeError(f"a seed is repeated in {text!r}")
+  return seeds
+
+
 def _address(text: str) -> str:
   try:
     parse_address(text, "the address")
@@ -110,6 +121,9 @@ def _parser() -> argparse.ArgumentParser:
       p.add_argument("--short", action="store_true", default=name == "demo", help="apply each task's _short.gin")
       p.add_argument("--tasks", help="comma-separated task folders (default: all)")
       p.add_argument("--arms", help="comma-separated arms (default: all)")
+      p.add_argument("--seeds", type=_seeds, default=(0,),
+                     help="comma-separated seeds; each binds TrainConfig.seed and DataConfig.seed, and with several "
+                          "each arm trains in <workdir>/<task>/<arm>/seed<k> (default: 0)")
       p.add_argument("--gin_bindings", action="append", default=[], help="a gin binding for every arm")
       p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
       continue
@@ -209,7 +223,7 @@ def _run(args, bindings: list[str]) -> int:
                         top_k=args.top_k, seed=args.seed, step=args.step)
   if args.command in ("sweep", "demo"):
     return sweep.run(args.sweep, args.workdir, short=args.short, tasks=_split(args.tasks), arms=_split(args.arms),
-                     bindings=bindings)
+                     bindings=bindings, seeds=args.seeds)
   if not args.gin_file:
     raise UsageError("give at least one --gin_file")
   if args.command == "compile":

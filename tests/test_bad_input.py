@@ -191,6 +191,11 @@ ROWS = [
     c(["stream", "--workdir", "{tmp}", "--window", "0"], "--window", "got 0"),
     c(["stream", "--workdir", "{tmp}", "--sinks", "-1"], "--sinks", "got -1"),
     c(["compile", "--gin_file", SMOKE], "--topology"),
+    c(["sweep", "--workdir", "{tmp}/sw", "--seeds", "0,x"], "--seeds", "'0,x'"),
+    c(["sweep", "--workdir", "{tmp}/sw", "--seeds", "1,1"], "--seeds", "repeated", "'1,1'"),
+    c(["sweep", "--workdir", "{tmp}/sw", "--seeds", "-1"], "--seeds", "'-1'"),
+    c(["sweep", "--workdir", "{tmp}/sw", "--tasks", "bb", "--arms", "softmax", "--seeds", "0,1",
+       "--gin_bindings", "TrainConfig.seed = 3"], "--seeds 0,1", "TrainConfig.seed = 3"),
     # ---- data files
     text_source("int_text.jsonl", "int_text.jsonl", "'text' = 5", "int"),
     text_source("null_text.jsonl", "null_text.jsonl", "'text' = None"),

@@ -10,7 +10,8 @@ A generated block in the README looks like
     <!-- END GENERATED sink_table:bb -->
 
 and ``sink_table:<task>`` is filled from the rows of that task in the results files given (``sink_table.json``
-as ``attnlab sweep`` / ``attnlab demo`` write it). Each block starts with its provenance: the results file, the
+as ``attnlab sweep`` / ``attnlab demo`` write it); rows of a sweep over several seeds (``attnlab sweep --seeds
+0,1,2``) fill ``sink_table:<task>:seeds`` instead. Each block starts with its provenance: the results file, the
 command that produced it, the code commit it ran on and when the file was written. Blocks with no results file
 given are left as they are.
 """
@@ -25,7 +26,7 @@ import re
 import sys
 from collections.abc import Sequence
 
-from attnlab.analysis.sweep import format_table
+from attnlab.analysis.sweep import format_table, several_seeds
 
 BLOCK = re.compile(r"(<!-- BEGIN GENERATED (?P<name>[\w:.-]+) -->\n)(?P<body>.*?)(<!-- END GENERATED (?P=name) -->)",
                    re.S)
@@ -44,7 +45,7 @@ def provenance(path: str, data: dict, rows=None) -> str:
 
 
 def blocks_from_results(paths: Sequence[str]) -> dict[str, str]:
-  """``{"sink_table:<task>": Markdown}`` for every task of every results file (later files win)."""
+  """``{"sink_table:<task>[:seeds]": Markdown}`` for every task of every results file (later files win)."""
   out = {}
   for path in paths:
     with open(path) as f:
@@ -54,7 +55,7 @@ def blocks_from_results(paths: Sequence[str]) -> dict[str, str]:
     for task in tasks:
       rows = [r for r in data["rows"] if r["task"] == task]
       table = format_table(rows, short=data.get("short", False))
-      out[f"sink_table:{task}"] = provenance(path, data, rows) + "\n\n" + table
+      out[f"sink_table:{task}{':seeds' if several_seeds(rows) else ''}"] = provenance(path, data, rows) + "\n\n" + table
   return out
 
 

@@ -99,9 +99,11 @@ def read_json(path: str) -> dict | None:
 
 
 def table_row(arm: Arm, workdir: str, steps: int, seconds: float | None, report: dict, no_bos: dict | None,
-              evaluation: dict) -> dict:
-  """One arm's table row from its sink reports (with and without BOS) and its ``eval.json``."""
-  row = {"task": arm.task, "arm": arm.name, "label": ARM_LABELS.get(arm.name, arm.name), "workdir": workdir,
+              evaluation: dict, seed: int | None = None) -> dict:
+  """One arm's table row from its sink reports (with and without BOS) and its ``eval.json``; ``seed``: the sweep
+  seed it trained at (None: the configs' own)."""
+  row = {"task": arm.task, "arm": arm.name, "label": ARM_LABELS.get(arm.name, arm.name), "seed": seed,
+         "workdir": workdir,
          "steps": steps, "seconds": seconds, "probe_seq": report["probe"]["seq"],
          "loss": (evaluation.get("heldout") or {}).get("loss", float("nan")), **report["summary"],
          **{f"probe_{k}": v for k, v in report.get("probe_loss", {}).items()},
@@ -116,6 +118,15 @@ def table_row(arm: Arm, workdir: str, steps: int, seconds: float | None, report:
 
 
 CODE_FILE = "code_version.txt"
+
+
+def arm_name(row: dict) -> str:
+  """``softmax`` or, for a row of a several-seed sweep, ``softmax seed 1``."""
+  return row["arm"] if row.get("seed") is None else f"{row['arm']} seed {row['seed']}"
+
+
+def several_seeds(rows: Sequence[dict]) -> bool:
+  return len({r.get("seed") for r in rows}) > 1
 
 
 def read_text(path: str) -> str | None:
@@ -166,7 +177,8 @@ def format_table(rows: Sequence[dict], *, short: bool = False) -> str:
     trs = [r for r in rows if r["task"] == task]
     has_bc = any("probe_ce_unmasked" in r for r in trs)
     has_nobos = any("no_bos_sink_rate_proxy" in r for r in trs)
-    head = ["arm", "loss"] + (["backcopy CE"] if has_bc else []) + [
+    has_seed = several_seeds(trs)
+    head = ["arm"] + (["seed"] if has_seed else []) + ["loss"] + (["backcopy CE"] if has_bc else []) + [
         "Sink_1^0.3 proxy %", "Sink_1^0.3 raw %"] + (["Sink_1 proxy, no BOS %"] if has_nobos else []) + [
         "raw first-token weight", "raw row mass", "learned-sink mass", "‖v_1‖/mean‖v‖", "‖h_1‖/mean‖h‖ (max)",
         "paper: Sink_1 % / loss", "notes"]
@@ -175,7 +187,7 @@ def format_table(rows: Sequence[dict], *, short: bool = False) -> str:
              f"{' (--short)' if short else ''}", "", "| " + " | ".join(head) + " |",
              "|" + "---|" * len(head)]
     for r in trs:
-      cells = [r["label"], _fmt(r["loss"], ".3f")] + ([_fmt(r.get("probe_ce_unmasked"), ".3f")] if has_bc else [])
+      cells = [r["label"]] + ([str(r["seed"])] if has_seed else []) + [_fmt(r["loss"], ".3f")] + ([_fmt(r.get("probe_ce_unmasked"), ".3f")] if has_bc else [])
       cells += [_fmt(r.get("sink_rate_proxy"), ".1f"), _fmt(r.get("sink_rate_raw"), ".1f")]
       cells += [_fmt(r.get("no_bos_sink_rate_proxy"), ".1f")] if has_nobos else []
       cells += [_fmt(r.get("first_token_attn_raw")), _fmt(r.get("row_mass")), _fmt(r.get("sink_mass")),
@@ -214,7 +226,7 @@ def plot_table(rows: Sequence[dict], path: str) -> str:
         seq = trs[0].get("probe_seq", 64)
         ax.axhline(figures.uniform_first_token_weight(seq), color="gray", ls=":", lw=1,
                    label=f"uniform attention (T = {seq})")
-      ax.set_xticks(x, [r["arm"] for r in trs], rotation=30, ha="right", fontsize=8)
+      ax.set_xticks(x, [arm_name(r) for r in trs], rotation=30, ha="right", fontsize=8)
       ax.set(ylim=(0, ylim[1] * 1.08), ylabel=ylabel, title=TASK_LABELS.get(task, task))
       ax.set_yticks(np.linspace(0, ylim[1], 6))
       ax.title.set_fontsize(9)
