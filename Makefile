@@ -23,11 +23,14 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/attnlab demo --workdir runs/demo
 
+# Two worker processes (pytest-xdist), one test file per worker at a time: module fixtures run once.
+PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadfile
+
 test: $(TEST_STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 test-all: $(TEST_STAMP)
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -31,8 +31,9 @@ def greedy_by_forward(model, prompt, n, *, landmark=None):
   return np.concatenate(out, 1)
 
 
-@pytest.mark.parametrize("name", ["gqa_qknorm_sinklogit_gate", "sigmoid_sinktoken", "window_sinklogit", "cca",
-                                  "lightning", "routing", "meta_tokens", "landmark"])
+@pytest.mark.parametrize("name", ["gqa_qknorm_sinklogit_gate", "sigmoid_sinktoken", "window_sinklogit"] + [
+    pytest.param(n, marks=pytest.mark.slow)  # their caches: tests/test_cache.py (prefill + steps = forward)
+    for n in ("cca", "lightning", "routing", "meta_tokens", "landmark")])
 def test_greedy_generation_equals_rerunning_the_forward(name):
   att = VARIANTS[name]
   model = lm(att, max_seq_len=24)

@@ -110,7 +110,7 @@ def test_import_writes_an_ordinary_workdir(family, sources, imported, capsys):
   assert "already holds this import" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", pytest.param("llama", marks=pytest.mark.slow)])
 def test_eval_sinks_stream_on_an_import(family, imported, capsys):
   w = imported[family]
   assert main(["eval", "--workdir", w]) == 0
@@ -132,7 +132,8 @@ def _train(w, *extra):
 
 
 @pytest.mark.parametrize("family,change,new", [("llama", "AttentionConfig.sink_logit=True", "sink_logits"),
-                                               ("gpt2", "AttentionConfig.gate='headwise'", "gate")])
+                                               pytest.param("gpt2", "AttentionConfig.gate='headwise'", "gate",
+                                                            marks=pytest.mark.slow)])
 def test_train_after_adding_parameters(family, change, new, imported, tmp_path, capsys):
   w, w2 = str(tmp_path / family), str(tmp_path / (family + "_new"))
   shutil.copytree(imported[family], w)

@@ -89,6 +89,7 @@ def test_eval_step_and_per_task_metrics(bb_run, capsys):
   assert json.load(open(os.path.join(bb_run, "eval_step2", "eval.json")))["step"] == 2
 
 
+@pytest.mark.slow
 def test_text_run_probe_both_and_stream_settings(tmp_path, capsys):
   d = str(tmp_path / "text")
   assert main(["train", "--gin_file", TEXT, "--workdir", d, "--gin.TrainConfig.steps=2", *FAST]) == 0
