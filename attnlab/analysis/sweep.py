@@ -218,6 +218,8 @@ def plot_table(rows: Sequence[dict], path: str) -> str:
     for ax, (series, ylabel, ylim) in zip(row_axes, panels):
       for i, (key, label) in enumerate(series):
         shown = [key != "sink_mass" or bool(r.get("learned_sink")) for r in trs]  # no slot: no bar, no label
+        if not any(shown):
+          continue
         vals = [(r.get(key) or 0.0) if ok else 0.0 for r, ok in zip(trs, shown)]
         bars = ax.bar(x + (i - 0.5) * 0.38, vals, 0.38, label=label)
         fmt = "{:.0f}" if ylim[1] == 100 else "{:.2f}"
