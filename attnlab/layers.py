@@ -105,7 +105,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, base: float = 10_000.0, *, fr
   if rot == 0:
     return x
   if rot % 2:
-    raise ValueError(f"RoPE needs an even head_dim; got {rot}")
+    raise ValueError(f"RoPE needs an even number of rotated channels; got {rot} of head_dim {head_dim}")
   cos, sin = rope_tables(positions, rot, base, scaling)
   xf = x.astype(jnp.float32)
   xr = xf if rot == head_dim else xf[..., :rot]

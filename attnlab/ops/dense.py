@@ -131,8 +131,9 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, score: str = "s
   The float32 reference the blocked path and the kernels are checked against, and the fastest path for short
   sequences: one mask, applied once by the score function; (batch, heads, q, k) logits with no n x n transpose
   in the forward or backward pass (see :func:`_weights`). Causal softmax with ``q_len >= CAUSAL_SPLIT_MIN_LEN``
-  and no bias or mask: queries ``[0, q_len/2)`` attend to keys ``[0, kv_len - q_len/2)`` only (end-aligned, the
-  keys they can see; softmax weights are row-local, so the rows are unchanged), the rest to all keys.
+  and no bias or mask: queries ``[0, h)``, ``h = q_len // 2``, attend to keys ``[0, kv_len - q_len + h)`` only
+  (end-aligned, the keys they can see; softmax weights are row-local, so the rows are unchanged), the rest to all
+  keys.
   """
   check_inputs(q, k, v)
   q_len, kv_len = q.shape[1], k.shape[1]
