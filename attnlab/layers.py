@@ -77,30 +77,43 @@ def rope_inv_freq(rot_dim: int, base: float = 10_000.0, scaling=()) -> jax.Array
   return jnp.where(wavelen > orig / lo, inv_freq / factor, jnp.where(wavelen < orig / hi, inv_freq, mid))
 
 
+def rope_tables(positions: jax.Array, rot_dim: int, base: float = 10_000.0, scaling=()) -> tuple[jax.Array, jax.Array]:
+  """(cos, signed sin) of RoPE's angles ``theta_i = pos * inv_freq_i`` (:func:`rope_inv_freq`), each
+  (batch, seq, 1, rot_dim) float32 in the rotate-half layout: ``cos = [cos theta, cos theta]``,
+  ``sin = [-sin theta, sin theta]``. Inside one jitted function XLA computes equal tables once (CSE), so every
+  layer may call this with the same positions."""
+  angles = positions.astype(jnp.float32)[..., None] * rope_inv_freq(rot_dim, base, scaling)
+  sin, cos = jnp.sin(angles), jnp.cos(angles)
+  return jnp.concatenate([cos, cos], axis=-1)[:, :, None], jnp.concatenate([-sin, sin], axis=-1)[:, :, None]
+
+
 def apply_rope(x: jax.Array, positions: jax.Array, base: float = 10_000.0, *, fraction: float = 1.0,
                scaling=()) -> jax.Array:
-  """Rotary position embedding (Su et al. 2021), rotate-half convention.
+  """Rotary position embedding (Su et al. 2021), rotate-half convention (Hugging Face's channel layout).
 
   x: (batch, seq, heads, head_dim) with even head_dim; positions: (batch, seq) integer positions.
-  Pair (x_i, x_{i+d/2}) is rotated by angle ``pos * base^(-2i/d)``. ``fraction < 1`` rotates only the first
-  ``int(head_dim * fraction)`` channels of each head and passes the rest through (GPT-NeoX's partial rotary);
-  ``scaling`` rescales the frequencies (:func:`rope_inv_freq`).
+  Pair (x_i, x_{i+d/2}) is rotated by angle ``theta_i = pos * base^(-2i/d)``:
+
+      rope(x) = x * [cos theta, cos theta] + [x_2, x_1] * [-sin theta, sin theta],   x = [x_1, x_2]
+
+  (the halves swapped by one reversed reshape, no split and concatenate). ``fraction < 1`` rotates only the
+  first ``int(head_dim * fraction)`` channels of each head and passes the rest through (GPT-NeoX's partial
+  rotary); ``scaling`` rescales the frequencies (:func:`rope_inv_freq`).
   """
-  if fraction != 1.0:
-    rot = int(x.shape[-1] * fraction)
-    if rot == 0:
-      return x
-    return jnp.concatenate([apply_rope(x[..., :rot], positions, base, scaling=scaling), x[..., rot:]], axis=-1)
   head_dim = x.shape[-1]
-  if head_dim % 2:
-    raise ValueError(f"RoPE needs an even head_dim; got {head_dim}")
-  half = head_dim // 2
-  inv_freq = rope_inv_freq(head_dim, base, scaling) if scaling else \
-      base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (batch, seq, half)
-  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+  rot = head_dim if fraction == 1.0 else int(head_dim * fraction)
+  if rot == 0:
+    return x
+  if rot % 2:
+    raise ValueError(f"RoPE needs an even number of rotated channels; got {rot} of head_dim {head_dim}")
+  cos, sin = rope_tables(positions, rot, base, scaling)
+  xf = x.astype(jnp.float32)
+  xr = xf if rot == head_dim else xf[..., :rot]
+  swapped = xr.reshape(*xr.shape[:-1], 2, rot // 2)[..., ::-1, :].reshape(xr.shape)
+  out = xr * cos + swapped * sin
+  if rot < head_dim:
+    out = jnp.concatenate([out, xf[..., rot:]], axis=-1)
+  return out.astype(x.dtype)
 
 
 def apply_2d(linear: nnx.Linear, x: jax.Array) -> jax.Array:
@@ -109,11 +122,32 @@ def apply_2d(linear: nnx.Linear, x: jax.Array) -> jax.Array:
   return linear(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
 
 
+class RMSNorm(nnx.Module):
+  """Root-mean-square norm over the last axis (Zhang & Sennrich 2019), parameter ``scale`` (ones):
+
+      y = x * (rsqrt(mean(x^2) + eps) * scale)
+
+  in float32, returned in ``dtype``; ``x`` and ``scale`` are first rounded to ``dtype``, as flax's ``nnx.RMSNorm``
+  does, whose values (and parameter name and initialisation key) it reproduces with fewer ops in the backward
+  pass."""
+
+  def __init__(self, dim: int, eps: float, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    self.scale = nnx.Param(nnx.initializers.ones(rngs.params(), (dim,), jnp.float32))
+    self.eps, self.dtype = eps, dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(self.dtype).astype(jnp.float32)
+    scale = self.scale[...].astype(self.dtype).astype(jnp.float32)
+    mul = jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps) * scale
+    return (x * mul).astype(self.dtype)
+
+
 def make_norm(kind: str, dim: int, eps: float, *, rngs: nnx.Rngs, dtype=jnp.float32,
               fast_variance: bool = True) -> nnx.Module:
-  """``fast_variance=False``: two-pass variance ``mean((x - mean x)^2)``, as torch's LayerNorm computes it."""
+  """:class:`RMSNorm` (which has no mean, so ``fast_variance`` does not apply) or flax's LayerNorm;
+  ``fast_variance=False``: two-pass variance ``mean((x - mean x)^2)``, as torch's LayerNorm computes it."""
   if kind == "rmsnorm":
-    return nnx.RMSNorm(dim, epsilon=eps, dtype=dtype, rngs=rngs, use_fast_variance=fast_variance)
+    return RMSNorm(dim, eps, rngs=rngs, dtype=dtype)
   if kind == "layernorm":
     return nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, rngs=rngs, use_fast_variance=fast_variance)
   raise ValueError(f"unknown norm {kind!r}; expected 'rmsnorm' or 'layernorm'")

@@ -112,6 +112,12 @@ def train_section(r: dict) -> list[str]:
   out += ["", f"Matmul peak {r['matmul_peak_gflops']['best']:.0f} GFLOP/s (2048² f32, same run). attnlab vs the "
           f"plain NNX baseline: {s['speedup_vs_baseline']:.2f}× (target 1.3×); MFU {s['mfu']:.0%} (target 70 %). "
           + s.get("verdict", "")]
+  c = r.get("ceiling_summary")
+  if c:
+    out += ["", f"Ceiling (the baseline's matmuls alone: attention replaced by q + k + v, no norms, no RoPE): "
+            f"{c['ceiling_speedup_vs_baseline']:.2f}× the baseline, MFU {c['ceiling_mfu']:.0%}; the speed target "
+            f"lies {'below' if c['speedup_target_below_ceiling'] else 'above'} it, the MFU target "
+            f"{'below' if c['mfu_target_below_ceiling'] else 'above'} it."]
   return out
 
 

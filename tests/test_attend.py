@@ -88,6 +88,37 @@ def test_matches_reference_forward_and_gradient(name, score, params, with_sinks,
     assert relative_error(g, rg) < 2e-4, f"gradient w.r.t. argument {i}"
 
 
+SPLIT_CASES = [(256, 256, {}), (257, 263, {"window": 40}), (256, 256, {"segments": True}), (256, 256, {"sinks": True})]
+
+
+@pytest.mark.parametrize("q_len,kv_len,extra", SPLIT_CASES, ids=["self", "decode_window", "segments", "sinks"])
+def test_causal_split_matches_reference(q_len, kv_len, extra):
+  """From CAUSAL_SPLIT_MIN_LEN queries on the dense path computes causal softmax as two query halves."""
+  from attnlab.ops.dense import CAUSAL_SPLIT_MIN_LEN
+  assert q_len >= CAUSAL_SPLIT_MIN_LEN
+  rng = np.random.default_rng(q_len + kv_len)
+  q, k, v, _, ct = make_inputs(3, q_len, kv_len, 4, 2)
+  kw = {"window": extra.get("window")}
+  if extra.get("segments"):
+    ids = np.cumsum(rng.random((2, q_len)) < 0.02, axis=1).astype(np.int32)
+    kw["segment_ids"] = (ids, ids)
+  if extra.get("sinks"):
+    kw["sink_logits"] = SINKS.astype(np.float32)
+
+  def loss(fn, q, k, v):
+    out = fn(q, k, v, score="softmax", causal=True, **kw)
+    return jnp.sum(out * ct), out
+
+  (_, out), grads = jax.value_and_grad(functools.partial(loss, attnlab.attend), argnums=(0, 1, 2),
+                                       has_aux=True)(q, k, v)
+  (_, ref), ref_grads = with_x64(lambda *a: jax.value_and_grad(functools.partial(loss, reference_attend),
+                                                               argnums=(0, 1, 2), has_aux=True)(
+      *[jnp.asarray(x, jnp.float64) for x in a]), q, k, v)
+  assert relative_error(out, ref) < 2e-5
+  for g, rg in zip(grads, ref_grads):
+    assert relative_error(g, rg) < 2e-4
+
+
 @pytest.mark.parametrize("name,score,params,with_sinks", SCORES, ids=[s[0] for s in SCORES])
 def test_masked_keys_get_zero_weight_and_empty_rows_return_zero(name, score, params, with_sinks):
   heads = 4

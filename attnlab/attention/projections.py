@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attnlab.attention.config import BaseAttentionConfig, OutputGateField, QKNorm, QKVBias, RopeVariants, SinkLogit
-from attnlab.layers import apply_2d, apply_rope, kernel_init
+from attnlab.layers import RMSNorm, apply_2d, apply_rope, kernel_init
 
 
 class QKVProjection(nnx.Module):
@@ -35,8 +35,8 @@ class QKVProjection(nnx.Module):
     self.k = lin(kv_heads * head_dim, ("embed", "kv_heads"))
     self.v = lin(kv_heads * head_dim, ("embed", "kv_heads"))
     if qk_norm:
-      self.q_norm = nnx.RMSNorm(head_dim, epsilon=qk_norm_eps, dtype=dtype, rngs=rngs)
-      self.k_norm = nnx.RMSNorm(head_dim, epsilon=qk_norm_eps, dtype=dtype, rngs=rngs)
+      self.q_norm = RMSNorm(head_dim, qk_norm_eps, dtype=dtype, rngs=rngs)
+      self.k_norm = RMSNorm(head_dim, qk_norm_eps, dtype=dtype, rngs=rngs)
     else:
       self.q_norm = self.k_norm = None
 
