@@ -10,7 +10,7 @@
     attnlab sweep [--sweep experiments/sinks] --workdir DIR [--short] [--tasks bb,text] [--arms softmax,relu]
                   [--seeds 0,1,2]
                   [--gin.KEY=VALUE ...]   (train + analyse every arm; DIR/sink_table.{md,json,png})
-    attnlab demo  [--workdir runs/demo]   (= make demo: attnlab sweep --short, ~10 min on a 2-core CPU)
+    attnlab demo  [--workdir runs/demo]   (= make demo: attnlab sweep --short, ~15 min on a 2-core CPU)
     attnlab import --hf SRC --workdir DIR [--revision REV] [--dtype float32|bfloat16] [--max_seq_len N]
                   (a Hugging Face checkpoint, local dir or hub id, as an ordinary workdir at step 0)
     attnlab compile --topology v5e:2x2 --gin_file experiments/X.gin [--gin.KEY=VALUE ...]
@@ -111,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
                       ("stream", "StreamingLLM perplexity of --workdir: full / window / sink + window caches"),
                       ("generate", "continue a prompt with the model of --workdir (KV cache: full, window, sinks)"),
                       ("sweep", "train and analyse every arm of a sink sweep; write the comparison table"),
-                      ("demo", "the short sink sweep (--short) into runs/demo, ~10 min on a 2-core CPU"),
+                      ("demo", "the short sink sweep (--short) into runs/demo, ~15 min on a 2-core CPU"),
                       ("compile", "AOT-compile the train step for a TPU topology and print memory per device")):
     p = sub.add_parser(name, help=help_)
     if name in ("sweep", "demo"):
