@@ -55,7 +55,8 @@ def blocks_from_results(paths: Sequence[str]) -> dict[str, str]:
     for task in tasks:
       rows = [r for r in data["rows"] if r["task"] == task]
       table = format_table(rows, short=data.get("short", False))
-      out[f"sink_table:{task}{':seeds' if several_seeds(rows) else ''}"] = provenance(path, data, rows) + "\n\n" + table
+      name = f"sink_table:{task}{':seeds' if several_seeds(rows) else ''}"
+      out[name] = provenance(path, data, rows) + "\n\n" + table
   return out
 
 

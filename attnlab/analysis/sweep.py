@@ -103,8 +103,7 @@ def table_row(arm: Arm, workdir: str, steps: int, seconds: float | None, report:
   """One arm's table row from its sink reports (with and without BOS) and its ``eval.json``; ``seed``: the sweep
   seed it trained at (None: the configs' own)."""
   row = {"task": arm.task, "arm": arm.name, "label": ARM_LABELS.get(arm.name, arm.name), "seed": seed,
-         "workdir": workdir,
-         "steps": steps, "seconds": seconds, "probe_seq": report["probe"]["seq"],
+         "workdir": workdir, "steps": steps, "seconds": seconds, "probe_seq": report["probe"]["seq"],
          "loss": (evaluation.get("heldout") or {}).get("loss", float("nan")), **report["summary"],
          **{f"probe_{k}": v for k, v in report.get("probe_loss", {}).items()},
          "learned_sink": any(a.get(f) for a in report.get("attention", []) for f in ("sink_logit", "sink_token",
@@ -187,7 +186,8 @@ def format_table(rows: Sequence[dict], *, short: bool = False) -> str:
              f"{' (--short)' if short else ''}", "", "| " + " | ".join(head) + " |",
              "|" + "---|" * len(head)]
     for r in trs:
-      cells = [r["label"]] + ([str(r["seed"])] if has_seed else []) + [_fmt(r["loss"], ".3f")] + ([_fmt(r.get("probe_ce_unmasked"), ".3f")] if has_bc else [])
+      cells = [r["label"]] + ([str(r["seed"])] if has_seed else []) + [_fmt(r["loss"], ".3f")]
+      cells += [_fmt(r.get("probe_ce_unmasked"), ".3f")] if has_bc else []
       cells += [_fmt(r.get("sink_rate_proxy"), ".1f"), _fmt(r.get("sink_rate_raw"), ".1f")]
       cells += [_fmt(r.get("no_bos_sink_rate_proxy"), ".1f")] if has_nobos else []
       cells += [_fmt(r.get("first_token_attn_raw")), _fmt(r.get("row_mass")), _fmt(r.get("sink_mass")),

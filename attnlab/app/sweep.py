@@ -3,8 +3,7 @@
 
 Each arm trains in ``WORKDIR/<task>/<arm>`` (in ``WORKDIR/<task>/<arm>/seed<k>`` per seed when several seeds
 are given; seed ``k`` binds ``TrainConfig.seed`` and ``DataConfig.seed``) through the ordinary harness (resuming
-an interrupted run, skipping a
-finished one that already has its ``sinks.json``), then gets its sink report.
+an interrupted run, skipping a finished one that already has its ``sinks.json``), then gets its sink report.
 """
 
 from __future__ import annotations
@@ -63,7 +62,8 @@ def run_sweep(sweep_dir: str, workdir: str, *, short: bool = False, tasks: Seque
   """Runs every arm at every seed (see the module docstring); returns (rows, Markdown table). Seeds other than the
   default ``(0,)`` are bound over the configs' (:func:`seed_bindings`); a binding of ``TrainConfig.seed`` or
   ``DataConfig.seed`` beside them is an error."""
-  if tuple(seeds) != (0,):
+  bound = tuple(seeds) != (0,)
+  if bound:
     clash = [b for b in bindings if b.replace(" ", "").startswith(("TrainConfig.seed=", "DataConfig.seed="))]
     if clash:
       raise ValueError(f"--seeds {','.join(map(str, seeds))} sets the seeds; drop the binding {clash[0]!r}")
@@ -71,12 +71,10 @@ def run_sweep(sweep_dir: str, workdir: str, *, short: bool = False, tasks: Seque
   code = code_version()  # the code every arm trained by this call runs on (modules are imported once)
   rows = []
   for i, (arm, seed) in enumerate(todo, 1):
-    row = run_arm(arm, arm_workdir(workdir, arm, seed, seeds), bindings, code=code,
-                  seed=None if tuple(seeds) == (0,) else seed)
+    row = run_arm(arm, arm_workdir(workdir, arm, seed, seeds), bindings, code=code, seed=seed if bound else None)
     rows.append(row)
     took = f"trained in {row['seconds']:.0f} s" if row["seconds"] is not None else "reused"
-    name = arm.name if len(seeds) == 1 else f"{arm.name} seed {seed}"
-    log(f"[{i}/{len(todo)}] {arm.task}/{name}: {took}; loss {row['loss']:.3f}, Sink_1 proxy "
+    log(f"[{i}/{len(todo)}] {arm.task}/{arm_name(row)}: {took}; loss {row['loss']:.3f}, Sink_1 proxy "
         f"{row.get('sink_rate_proxy', float('nan')):.1f} %, raw {row.get('sink_rate_raw', float('nan')):.1f} %, "
         f"raw first-token weight {row.get('first_token_attn_raw', float('nan')):.2f}")
   return rows, write_table(rows, workdir, short=short, command=command)

@@ -141,7 +141,8 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, score: str = "s
               **score_params)
   if not (causal and score == "softmax" and bias is None and mask is None and q_len >= CAUSAL_SPLIT_MIN_LEN):
     return _dense(q, k, v, segment_ids=segment_ids, **call)
-  half, seen = q_len // 2, kv_len - (q_len - q_len // 2)
+  half = q_len // 2
+  seen = kv_len - (q_len - half)  # the keys query half - 1 (end-aligned) can see
   q_seg, kv_seg = split_segment_ids(segment_ids, q.shape[0], q_len, kv_len)
   seg = lambda qs, n: None if q_seg is None else (q_seg[:, qs], kv_seg[:, :n])
   first = _dense(q[:, :half], k[:, :seen], v[:, :seen], segment_ids=seg(slice(None, half), seen), **call)
