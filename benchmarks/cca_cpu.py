@@ -1,6 +1,6 @@
 """CCA attention vs full causal softmax attention: forward+backward time and compiled memory on CPU.
 
-    PYTHONPATH=. python benchmarks/cca_cpu.py [--sizes 1024 2048 ...] [--repeats 2]
+    PYTHONPATH=. python benchmarks/cca_cpu.py [--sizes 1024 2048 ...] [--repeats 2] [--impl auto|blocked|xla]
 
 Writes benchmarks/results/cca_cpu.json. Memory is XLA's compiled ``memory_analysis`` of the jitted fwd+bwd
 (temp = intermediate working set; peak ~ temp + arguments + outputs), so it is exact and needs no run; times are
@@ -56,13 +56,15 @@ def main():
   p.add_argument("--group_size", type=int, default=16)
   p.add_argument("--window_size", type=int, default=1024)
   p.add_argument("--block_q", type=int, default=512)
+  p.add_argument("--impl", default="auto", choices=["auto", "blocked", "xla"])
   p.add_argument("--repeats", type=int, default=2)
   p.add_argument("--softmax_max_gib", type=float, default=5.0)
   p.add_argument("--out", default="benchmarks/results/cca_cpu.json")
   a = p.parse_args()
 
   g, s = a.group_size, a.window_size
-  cca = _fwd_bwd(lambda q, k, v: cca_attention(q, k, v, group_size=g, window_size=s, block_q=a.block_q))
+  cca = _fwd_bwd(lambda q, k, v: cca_attention(q, k, v, group_size=g, window_size=s, block_q=a.block_q,
+                                                impl=a.impl))
   full = _fwd_bwd(lambda q, k, v: attnlab.attend(q, k, v))
   rows = []
   for n in a.sizes:
@@ -82,10 +84,10 @@ def main():
     print(json.dumps(row), flush=True)
 
   result = dict(
-      benchmark="CCA attention (blocked XLA fast path, remat) vs full causal softmax (attnlab.attend, dense XLA)",
+      benchmark=f"CCA attention (impl={a.impl!r}) vs full causal softmax (attnlab.attend, dense XLA)",
       hardware=f"CPU: {_cpu_name()}, {jax.device_count()} JAX device(s), jax {jax.__version__}",
       config=dict(batch=1, heads=a.heads, head_dim=a.head_dim, group_size=g, window_size=s, block_q=a.block_q,
-                  dtype="float32", repeats=a.repeats, op="value_and_grad of sum(o^2) w.r.t. q, k, v"),
+                  impl=a.impl, dtype="float32", repeats=a.repeats, op="value_and_grad of sum(o^2) w.r.t. q, k, v"),
       note=("Shared, noisy machine (2 vCPUs used by several jobs at once): times are indicative only. Memory numbers "
             "are XLA's compiled memory_analysis (exact for this program). The softmax baseline materialises the n x n "
             "scores (no flash kernel on CPU), unlike the paper's FlashAttention baseline on GPU."),

@@ -4,9 +4,11 @@
 
 Variants (b 1, 2 heads, head_dim 64, float32, causal, fwd+bwd = grad of sum(o * w) w.r.t. the inputs):
   * ``lightning``: ``lightning_chunked`` (Lightning Attention-2, Qin et al., arXiv 2401.04658), chunk 64, TNL decay;
-  * ``cca``: ``cca_attention`` (Core Context Aware attention, Chen et al., arXiv 2412.12465), g 16, s 1024;
+  * ``cca``: ``cca_attention`` (Core Context Aware attention, Chen et al., arXiv 2412.12465), g 16, s 1024, on
+    the blocked flash core (``impl="blocked"``, the default for softmax); ``cca_xla``: its fused-row path;
   * ``routing``: nearest-centroid routing (Routing Transformer, Roy et al., arXiv 2003.05997; shared q = k, layer
-    norm, k = round(sqrt(n)) clusters, window ceil(n / k)), routing included;
+    norm, k = round(sqrt(n)) clusters, window ceil(n / k)), routing included, sorted chunks (the default);
+    ``routing_blocked``: the same on the blocked flash core;
 against ``softmax_dense`` (``attend(impl="xla")``, n x n) and ``softmax_blocked`` (``attend(impl="blocked")``,
 O(n) memory). Same process, interleaved rounds (every implementation once per round), median of ``--repeats``
 after a warm-up, 1-minute load average per size. Dense softmax is timed only while its compiled temporaries stay
@@ -33,7 +35,7 @@ from attnlab.ops.lightning import lightning_chunked, log_decay
 from attnlab.attention.routing import layer_norm, nearest_attention, nearest_centroid
 from blocked_cpu import load, machine  # benchmarks/ (the script's folder is on sys.path)
 
-VARIANTS = ("lightning", "cca", "routing")
+VARIANTS = ("lightning", "cca", "cca_xla", "routing", "routing_blocked")
 BASELINES = ("softmax_dense", "softmax_blocked")
 
 
@@ -46,9 +48,11 @@ def build(name: str, n: int, heads: int, head_dim: int, group_size: int, window_
   if name == "lightning":
     s = jnp.asarray(log_decay("tnl", heads), jnp.float32)
     return lambda q, k, v: lightning_chunked(q, k, v, s, block_size=64, scale=1.0 / math.sqrt(head_dim))
-  if name == "cca":
-    return lambda q, k, v: cca_attention(q, k, v, group_size=group_size, window_size=window_size)
-  if name == "routing":
+  if name in ("cca", "cca_xla"):
+    impl = "xla" if name == "cca_xla" else "blocked"
+    return lambda q, k, v: cca_attention(q, k, v, group_size=group_size, window_size=window_size, impl=impl)
+  if name in ("routing", "routing_blocked"):
+    impl = "blocked" if name == "routing_blocked" else "chunks"
     clusters = round(math.sqrt(n))
     window = math.ceil(n / clusters)
     mu = layer_norm(jax.random.normal(jax.random.key(7), (heads, clusters, head_dim)))
@@ -56,7 +60,7 @@ def build(name: str, n: int, heads: int, head_dim: int, group_size: int, window_
     def routing(q, k, v):
       del k  # shared query/key projection
       r = layer_norm(q)
-      return nearest_attention(r, v, nearest_centroid(r, mu), window=window)
+      return nearest_attention(r, v, nearest_centroid(r, mu), window=window, impl=impl)
     return routing
   raise ValueError(name)
 

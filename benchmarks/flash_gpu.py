@@ -7,7 +7,8 @@ Reports ms and TFLOP/s (FLOPs: 4 * B * H * n^2 * d forward, halved when causal; 
 FlashAttention convention) and the device's peak memory. Writes benchmarks/results/flash_gpu_<device>.json.
 
 The efficient variants are causal only: ``lightning`` (``lightning_chunked``, chunk 64, TNL decay), ``cca``
-(``cca_attention``, g 16, s 1024), ``routing`` (nearest-centroid, shared q = k, k = round(sqrt(n)), w = ceil(n / k));
+(``cca_attention``, g 16, s 1024, blocked core) and ``cca_xla`` (its fused-row path), ``routing`` (nearest-centroid,
+shared q = k, k = round(sqrt(n)), w = ceil(n / k); sorted chunks) and ``routing_blocked`` (on the blocked core);
 their TFLOP/s column uses the softmax FLOP count (an "effective" rate: time relative to full attention).
 
 Run on an NVIDIA GPU:  PYTHONPATH=. python benchmarks/flash_gpu.py
@@ -34,8 +35,9 @@ from attnlab.ops.lightning import lightning_chunked, log_decay
 from attnlab.attention.routing import layer_norm, nearest_attention, nearest_centroid
 from kernels_pallas.flash import BlockSizes, flash_attention
 
-IMPLS = ("pallas_softmax", "pallas_sigmoid", "blocked", "cudnn", "xla", "lightning", "cca", "routing")
-CAUSAL_ONLY = ("lightning", "cca", "routing")
+IMPLS = ("pallas_softmax", "pallas_sigmoid", "blocked", "cudnn", "xla", "lightning", "cca", "cca_xla", "routing",
+         "routing_blocked")
+CAUSAL_ONLY = ("lightning", "cca", "cca_xla", "routing", "routing_blocked")
 
 
 def _attention_fn(impl: str, causal: bool, blocks: BlockSizes, interpret: bool, n: int = 0, heads: int = 1,
@@ -45,16 +47,19 @@ def _attention_fn(impl: str, causal: bool, blocks: BlockSizes, interpret: bool, 
   if impl == "lightning":
     s = jnp.asarray(log_decay("tnl", heads), jnp.float32)
     return lambda q, k, v: lightning_chunked(q, k, v, s, block_size=64, scale=1.0 / math.sqrt(head_dim))
-  if impl == "cca":
-    return lambda q, k, v: cca_attention(q, k, v, group_size=16, window_size=min(1024, n))
-  if impl == "routing":
+  if impl in ("cca", "cca_xla"):
+    cca_impl = "xla" if impl == "cca_xla" else "blocked"
+    return lambda q, k, v: cca_attention(q, k, v, group_size=16, window_size=min(1024, n), impl=cca_impl)
+  if impl in ("routing", "routing_blocked"):
+    routing_impl = "blocked" if impl == "routing_blocked" else "chunks"
     clusters = max(1, round(math.sqrt(n)))
     mu = layer_norm(jax.random.normal(jax.random.key(7), (heads, clusters, head_dim)))
 
     def routing(q, k, v):
       del k
       r = layer_norm(q)
-      return nearest_attention(r, v, nearest_centroid(r, mu).astype(jnp.int32), window=math.ceil(n / clusters))
+      return nearest_attention(r, v, nearest_centroid(r, mu).astype(jnp.int32), window=math.ceil(n / clusters),
+                               impl=routing_impl)
     return routing
   if impl == "pallas_softmax":
     return lambda q, k, v: flash_attention(q, k, v, causal=causal, block_sizes=blocks, backend="gpu",

@@ -72,7 +72,8 @@ def blocked_section(r: dict) -> list[str]:
   return out
 
 
-VARIANT_NAMES = {"lightning": "lightning (chunked)", "cca": "CCA", "routing": "routing (nearest)"}
+VARIANT_NAMES = {"lightning": "lightning (chunked)", "cca": "CCA (blocked core)", "cca_xla": "CCA (fused rows)",
+                 "routing": "routing (nearest, chunks)", "routing_blocked": "routing (nearest, blocked core)"}
 
 
 def efficient_section(r: dict) -> list[str]:

@@ -18,7 +18,7 @@ from attnlab.attention.registry import attention_config_class
 from attnlab.attention.variants.cca import CCAAttention, CCAConfig
 from tests.ref_cca import ref_cca, ref_mask
 
-STATIC = ("group_size", "window_size", "score", "block_q", "remat")
+STATIC = ("group_size", "window_size", "score", "block_q", "remat", "impl")
 fast = jax.jit(cca_attention, static_argnames=STATIC + ("b", "normalize", "eps"))
 causal = jax.jit(attnlab.attend)
 
@@ -43,8 +43,9 @@ CONFIGS = [
 ]
 
 
+@pytest.mark.parametrize("impl", ["blocked", "xla"])
 @pytest.mark.parametrize("cfg", CONFIGS)
-def test_forward_and_gradient_match_reference(cfg):
+def test_forward_and_gradient_match_reference(cfg, impl):
   b, n, h, hkv, d, g, s, bq = cfg
   q, k, v = _qkv(0, b, n, h, hkv, d, scale=1.5)
   kw = dict(group_size=g, window_size=s)
@@ -56,7 +57,7 @@ def test_forward_and_gradient_match_reference(cfg):
       return out, vjp(proj.astype(out.dtype))
     return jax.jit(run)
 
-  out, grads = fwd_grad(functools.partial(cca_attention, block_q=bq, **kw))(q, k, v)
+  out, grads = fwd_grad(functools.partial(cca_attention, block_q=bq, impl=impl, **kw))(q, k, v)
   with jax.enable_x64(True):
     ref_out, ref_grads = fwd_grad(functools.partial(ref_cca, **kw))(*(jnp.asarray(x, jnp.float64) for x in (q, k, v)))
   np.testing.assert_allclose(out, ref_out, atol=2e-5, rtol=1e-5)
@@ -77,18 +78,20 @@ def test_pooling_changes_the_output_and_reference_mask_covers_each_token_once():
   np.testing.assert_array_equal(covered, np.tril(np.ones((n, n), int)))
 
 
+@pytest.mark.parametrize("impl", ["blocked", "xla"])
 @pytest.mark.parametrize("g,s", [(1, 8), (4, 40)])  # g = 1; s >= seq_len
-def test_reduces_to_causal_attention(g, s):
+def test_reduces_to_causal_attention(g, s, impl):
   q, k, v = _qkv(2, 2, 40, 4, 2, 8, scale=1.5)
-  out = fast(q, k, v, group_size=g, window_size=s, block_q=16)
+  out = fast(q, k, v, group_size=g, window_size=s, block_q=16, impl=impl)
   np.testing.assert_allclose(out, causal(q, k, v), atol=2e-5, rtol=1e-5)
 
 
-def test_causality_functional():
+@pytest.mark.parametrize("impl", ["blocked", "xla"])
+def test_causality_functional(impl):
   q, k, v = _qkv(3, 2, 40, 4, 2, 8)
   t = 22
   q2, k2, v2 = (x.at[:, t + 1:].add(3.0) for x in (q, k, v))
-  kw = dict(group_size=4, window_size=8, block_q=16)
+  kw = dict(group_size=4, window_size=8, block_q=16, impl=impl)
   a, b = fast(q, k, v, **kw), fast(q2, k2, v2, **kw)
   np.testing.assert_allclose(a[:, :t + 1], b[:, :t + 1], atol=1e-6)
   assert np.abs(a[:, t + 1:] - b[:, t + 1:]).max() > 1e-3
@@ -102,13 +105,35 @@ def test_score_functions_match_reference(score, params):
   np.testing.assert_allclose(fast(q, k, v, block_q=16, **kw), ref(q, k, v, **kw), atol=2e-5, rtol=1e-5)
 
 
-def test_sink_logits_match_reference():
+@pytest.mark.parametrize("impl", ["blocked", "xla"])
+def test_sink_logits_match_reference(impl):
+  """Forward and the gradient of the sink logits (the blocked path adds the sink to the band part only)."""
   q, k, v = _qkv(5, 2, 40, 4, 2, 8)
   sinks = jnp.array([0.0, 1.0, -1.0, 2.0])
-  kw = dict(group_size=4, window_size=8, sink_logits=sinks)
-  out = jax.jit(functools.partial(cca_attention, block_q=16, group_size=4, window_size=8))(q, k, v,
-                                                                                           sink_logits=sinks)
-  np.testing.assert_allclose(out, ref(q, k, v, **kw), atol=2e-5, rtol=1e-5)
+  proj = jax.random.normal(jax.random.key(3), q.shape)
+  loss = lambda f: lambda sinks: jnp.sum(f(sinks) * proj)
+  fast_fn = lambda sinks: cca_attention(q, k, v, block_q=16, group_size=4, window_size=8, sink_logits=sinks,
+                                        impl=impl)
+  out, dsinks = jax.jit(lambda s: (fast_fn(s), jax.grad(loss(fast_fn))(s)))(sinks)
+  with jax.enable_x64(True):
+    q64, k64, v64 = (jnp.asarray(x, jnp.float64) for x in (q, k, v))
+    ref_fn = lambda sinks: ref_cca(q64, k64, v64, group_size=4, window_size=8, sink_logits=sinks)
+    s64 = jnp.asarray(sinks, jnp.float64)
+    ref_out, ref_dsinks = jax.jit(lambda s: (ref_fn(s), jax.grad(loss(ref_fn))(s)))(s64)
+  np.testing.assert_allclose(out, ref_out, atol=2e-5, rtol=1e-5)
+  np.testing.assert_allclose(dsinks, ref_dsinks, atol=5e-5, rtol=1e-4)
+  assert np.abs(ref_dsinks).min() > 1e-3  # every sink's gradient is exercised
+
+
+def test_blocked_impl_is_softmax_only():
+  q, k, v = _qkv(0, 1, 16, 2, 2, 4)
+  with pytest.raises(ValueError, match="impl='blocked' runs the softmax score only"):
+    cca_attention(q, k, v, group_size=2, window_size=4, score="relu", impl="blocked")
+  with pytest.raises(ValueError, match="CCA impl must be one of"):
+    cca_attention(q, k, v, group_size=2, window_size=4, impl="pallas")
+  with pytest.raises(ValueError, match="CCAConfig.impl='blocked' runs the softmax score only"):
+    CCAConfig(impl="blocked", score="relu")
+  assert CCAConfig().impl == "auto" and CCAConfig(score="relu").impl == "auto"
 
 
 def test_effective_weights():

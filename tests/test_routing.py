@@ -72,15 +72,16 @@ def test_balanced_matches_loop_reference(window, segments):
   np.testing.assert_allclose(jnp.einsum("bhts,bshd->bthd", w, v), fast[0], atol=2e-5)
 
 
+@pytest.mark.parametrize("impl", ["chunks", "blocked"])
 @pytest.mark.parametrize("window,segments", [(3, False), (5, True), (24, False)])
-def test_nearest_matches_loop_reference(window, segments):
+def test_nearest_matches_loop_reference(window, segments, impl):
   r, mu, qk, v, proj = _inputs(1)
   seg = jnp.asarray(SEGMENTS) if segments else None
   cluster = nearest_centroid(r, mu)
   np.testing.assert_array_equal(cluster, ref.ref_nearest(r, mu))
   mask = ref.nearest_mask(cluster, window, None if seg is None else SEGMENTS)
-  fast = _fast_and_grad(jax.jit(lambda qk, v: nearest_attention(qk, v, cluster, window=window, segment_ids=seg)),
-                        qk, v, proj)
+  fast = _fast_and_grad(jax.jit(lambda qk, v: nearest_attention(qk, v, cluster, window=window, segment_ids=seg,
+                                                                 impl=impl)), qk, v, proj)
   want = _ref_and_grad(lambda qk, v: ref.dense_attention(qk, qk, v, mask, D ** -0.5), qk, v, proj)
   _assert_close(fast, want)
   w = routing_weights(qk, routing="nearest", window=window, cluster=cluster, segment_ids=seg)
@@ -238,4 +239,6 @@ def test_config_errors():
     balanced_assignment(jnp.zeros((1, 4, 1, 2)), jnp.zeros((1, 2, 2)), 5)
   with pytest.raises(ValueError, match="centroids must be"):
     nearest_centroid(jnp.zeros((1, 4, 1, 2)), jnp.zeros((2, 2, 2)))
+  with pytest.raises(ValueError, match=r"nearest_attention impl must be one of \('chunks', 'blocked'\); got 'x'"):
+    nearest_attention(jnp.zeros((1, 4, 1, 2)), jnp.zeros((1, 4, 1, 2)), jnp.zeros((1, 4, 1), int), window=2, impl="x")
   assert attnlab.attention.registry.attention_config_class("routing") is RoutingConfig

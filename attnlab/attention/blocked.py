@@ -7,7 +7,9 @@ softmax of Milakov & Gimelshein ("Online normalizer calculation for softmax", ar
 (Dao et al., arXiv 2205.14135; FlashAttention-2, Dao, arXiv 2307.08691) generalised to every score function with
 hooks (FlashSigmoid: Ramapuram et al., arXiv 2409.04431). The tile math is :mod:`kernels_pallas.flash.common`, the
 same functions the Pallas kernels call, so score functions, sink logits, GQA, segment ids, end-aligned decode
-(q_len < kv_len, q_len 1 included), sliding windows and the residual ``r`` come from one body.
+(q_len < kv_len, q_len 1 included), sliding windows and the residual ``r`` come from one body. An optional
+per-query key range ``lo_i <= j < hi_i`` narrows any of these masks (e.g. the core and band rows of CCA, which
+merge two calls by their residuals).
 
 Schedule: a ``lax.scan`` over query blocks, inside it ``lax.fori_loop`` s over exactly the key blocks that can be
 visible (causal: up to the diagonal; window W: from the band's lower edge), so fully masked tiles cost nothing,
@@ -74,22 +76,31 @@ def _group_matmul(u, v):
   return out.reshape(b, h, g, bq, v.shape[-1])
 
 
-def _tile(st: FlashStatic, i, j, bq: int, bk: int, qm, kt, q_seg, kv_seg, masked: bool):
+def _tile(st: FlashStatic, i, j, bq: int, bk: int, qm, kt, q_seg, kv_seg, key_range, masked: bool):
   """Logits (B, Hkv, G, bq, bk) and mask (None for a tile inside the band) of tile (query block i, key block j);
-  q is pre-scaled."""
+  q is pre-scaled. ``key_range``: None or (2, bq) bounds [lo_i, hi_i) of the block's queries."""
   b, h, gbq, _ = qm.shape
   k_start = j * bk
   kj = jax.lax.dynamic_slice_in_dim(kt, k_start, bk, axis=2)
   k_seg = None if kv_seg is None else jax.lax.dynamic_slice_in_dim(kv_seg, k_start, bk, axis=-1)
   s = _dot(qm, kj, "bhmd,bhkd->bhmk").reshape(b, h, gbq // bq, bq, bk)
   mask = common.block_mask(st, i * bq, k_start, bq, bk, q_seg, k_seg) if masked else None
+  if key_range is not None:
+    key = k_start + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+    in_range = (key >= key_range[0][:, None]) & (key < key_range[1][:, None])
+    mask = in_range if mask is None else jnp.logical_and(mask, in_range)
   return s, mask, kj
 
 
-def _loop_key_blocks(st: FlashStatic, i, bq: int, bk: int, nk: int, body, carry):
+def _loop_key_blocks(st: FlashStatic, i, bq: int, bk: int, nk: int, body, carry, key_range=None):
   """Runs ``body(j, carry, masked)`` over the key blocks query block i can see: the band's edge tiles with their
-  mask, the tiles entirely inside it without one (no select over the tile)."""
+  mask, the tiles entirely inside it without one (no select over the tile). With a key range every tile is
+  masked and the loop runs over the blocks between the lowest lo and the highest hi of the block's queries."""
   lo, hi = common.kv_block_start(st, i * bq, bk, nk), common.kv_block_range(st, i * bq, bq, bk, nk)
+  if key_range is not None:
+    lo = jnp.maximum(lo, jnp.min(key_range[0]) // bk).astype(jnp.int32)
+    hi = jnp.minimum(hi, (jnp.max(key_range[1]) + bk - 1) // bk).astype(jnp.int32)
+    return jax.lax.fori_loop(lo, jnp.maximum(lo, hi), lambda j, c: body(j, c, True), carry)
   full_lo, full_hi = common.kv_full_block_range(st, i * bq, bq, bk, lo, hi)
   masked = lambda j, c: body(j, c, True)
   carry = jax.lax.fori_loop(lo, full_lo, masked, carry)
@@ -97,42 +108,43 @@ def _loop_key_blocks(st: FlashStatic, i, bq: int, bk: int, nk: int, body, carry)
   return jax.lax.fori_loop(full_hi, hi, masked, carry)
 
 
-def _forward(st: FlashStatic, qb, kt, vt, sinks, q_seg, kv_seg, count):
-  """qb (nq, B, Hkv, G, bq, D) pre-scaled; kt, vt (B, Hkv, Kp, D). Returns o (nq, ..., bq, Dv), r (nq, ..., bq, 1)."""
+def _forward(st: FlashStatic, qb, kt, vt, sinks, q_seg, kv_seg, count, key_range):
+  """qb (nq, B, Hkv, G, bq, D) pre-scaled; kt, vt (B, Hkv, Kp, D); key_range None or (nq, 2, bq).
+  Returns o (nq, ..., bq, Dv), r (nq, ..., bq, 1)."""
   nq, b, h, g, bq, d = qb.shape
   bk, dv = st.blocks.block_kv, vt.shape[-1]
   nk = kt.shape[2] // bk
 
   def q_block(_, xs):
-    i, qi, q_seg_i, n = xs
+    i, qi, q_seg_i, n, range_i = xs
     qm = qi.reshape(b, h, g * bq, d)
 
     def body(j, carry, masked):
-      s, mask, _ = _tile(st, i, j, bq, bk, qm, kt, q_seg_i, kv_seg, masked)
+      s, mask, _ = _tile(st, i, j, bq, bk, qm, kt, q_seg_i, kv_seg, range_i, masked)
       vj = jax.lax.dynamic_slice_in_dim(vt, j * bk, bk, axis=2)
       return common.fwd_block(st, s, mask, n, vj, *carry, matmul=_group_matmul)
 
     carry = common.init_state(st, sinks, n, bq, dv, lead=(b, h, g))
-    m, l, acc = _loop_key_blocks(st, i, bq, bk, nk, body, carry)
+    m, l, acc = _loop_key_blocks(st, i, bq, bk, nk, body, carry, range_i)
     o, r = common.finalize(st, m, l, acc, n)
     return None, (o.astype(qb.dtype), r)
 
-  _, (o, r) = jax.lax.scan(q_block, None, (jnp.arange(nq), qb, q_seg, count))
+  _, (o, r) = jax.lax.scan(q_block, None, (jnp.arange(nq), qb, q_seg, count, key_range))
   return o, r
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _blocked(st: FlashStatic, qb, kt, vt, sinks, q_seg, kv_seg, count):
-  return _forward(st, qb, kt, vt, sinks, q_seg, kv_seg, count)
+def _blocked(st: FlashStatic, qb, kt, vt, sinks, q_seg, kv_seg, count, key_range):
+  return _forward(st, qb, kt, vt, sinks, q_seg, kv_seg, count, key_range)
 
 
-def _blocked_fwd(st, qb, kt, vt, sinks, q_seg, kv_seg, count):
-  o, r = _forward(st, qb, kt, vt, sinks, q_seg, kv_seg, count)
-  return (o, r), (qb, kt, vt, sinks, q_seg, kv_seg, count, o, r)
+def _blocked_fwd(st, qb, kt, vt, sinks, q_seg, kv_seg, count, key_range):
+  o, r = _forward(st, qb, kt, vt, sinks, q_seg, kv_seg, count, key_range)
+  return (o, r), (qb, kt, vt, sinks, q_seg, kv_seg, count, key_range, o, r)
 
 
 def _blocked_bwd(st, res, cotangents):
-  qb, kt, vt, sinks, q_seg, kv_seg, count, o, r = res
+  qb, kt, vt, sinks, q_seg, kv_seg, count, key_range, o, r = res
   do, dr = cotangents
   nq, b, h, g, bq, d = qb.shape
   bk, dv_dim = st.blocks.block_kv, vt.shape[-1]
@@ -141,13 +153,13 @@ def _blocked_bwd(st, res, cotangents):
   delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1, keepdims=True) - dr
 
   def q_block(carry, xs):
-    i, qi, do_i, r_i, delta_i, q_seg_i, n = xs
+    i, qi, do_i, r_i, delta_i, q_seg_i, n, range_i = xs
     qm = qi.reshape(b, h, g * bq, d)
     dom = do_i.reshape(b, h, g * bq, dv_dim)
 
     def body(j, carry, masked):
       dq, dk, dv = carry
-      s, mask, kj = _tile(st, i, j, bq, bk, qm, kt, q_seg_i, kv_seg, masked)
+      s, mask, kj = _tile(st, i, j, bq, bk, qm, kt, q_seg_i, kv_seg, range_i, masked)
       vj = jax.lax.dynamic_slice_in_dim(vt, j * bk, bk, axis=2)
       dp = _dot(dom, vj, "bhmd,bhkd->bhmk").reshape(s.shape)
       p, ds = common.bwd_block(st, s, mask, r_i, n, dp, delta_i)
@@ -162,19 +174,34 @@ def _blocked_bwd(st, res, cotangents):
       dv = jax.lax.dynamic_update_slice_in_dim(dv, dv_j, k_start, axis=2)
       return dq, dk, dv
 
-    dq, dk, dv = _loop_key_blocks(st, i, bq, bk, nk, body, (jnp.zeros((b, h, g * bq, d), jnp.float32), *carry))
+    dq, dk, dv = _loop_key_blocks(st, i, bq, bk, nk, body, (jnp.zeros((b, h, g * bq, d), jnp.float32), *carry),
+                                  range_i)
     return (dk, dv), dq.reshape(qi.shape)
 
   zeros_k = jnp.zeros(kt.shape, jnp.float32)
   zeros_v = jnp.zeros(vt.shape, jnp.float32)
-  (dk, dv), dq = jax.lax.scan(q_block, (zeros_k, zeros_v), (jnp.arange(nq), qb, do, r, delta, q_seg, count))
+  (dk, dv), dq = jax.lax.scan(q_block, (zeros_k, zeros_v), (jnp.arange(nq), qb, do, r, delta, q_seg, count,
+                                                                key_range))
   dsinks = None
   if sinks is not None:  # the sink is a key with value 0: d sink_h = -sum_{b,i} p_sink * delta
     dsinks = -jnp.sum(jnp.exp(sinks - r) * delta, axis=(0, 1, 4, 5)).reshape(sinks.shape)
-  return dq.astype(qb.dtype), dk.astype(kt.dtype), dv.astype(vt.dtype), dsinks, None, None, None
+  return dq.astype(qb.dtype), dk.astype(kt.dtype), dv.astype(vt.dtype), dsinks, None, None, None, None
 
 
 _blocked.defvjp(_blocked_fwd, _blocked_bwd)
+
+
+def _check_key_range(key_range, q_len: int, score: str, needs_count: bool):
+  if needs_count:
+    raise ValueError(f"key_range: score function {score!r} depends on the visible-key count, which a key range "
+                     f"does not enter; use it with scores that do not")
+  if len(key_range) != 2:
+    raise ValueError(f"key_range must be a pair (lo, hi); got {len(key_range)} items")
+  lo, hi = (jnp.asarray(x) for x in key_range)
+  if lo.shape != (q_len,) or hi.shape != (q_len,) or not all(jnp.issubdtype(x.dtype, jnp.integer) for x in (lo, hi)):
+    raise ValueError(f"key_range (lo, hi) must be integer arrays of shape (q_len,) = ({q_len},); got "
+                     f"{lo.dtype}{tuple(lo.shape)} and {hi.dtype}{tuple(hi.shape)}")
+  return lo.astype(jnp.int32), hi.astype(jnp.int32)
 
 
 def _pad_axis(x, axis: int, length: int, value=0):
@@ -188,7 +215,8 @@ def _pad_axis(x, axis: int, length: int, value=0):
 def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, score: str = "softmax", causal: bool = True,
                       window: int | None = None, scale: float | None = None, segment_ids: Any = None,
                       sink_logits: jax.Array | None = None, block_q: int | None = None, block_kv: int | None = None,
-                      return_residuals: bool = False, **score_params):
+                      return_residuals: bool = False, key_range: tuple[jax.Array, jax.Array] | None = None,
+                      **score_params):
   """Flash-style attention in pure JAX; same semantics as :func:`attnlab.attend` (no dense bias/mask).
 
   Args:
@@ -199,6 +227,9 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, score: str = 
       multiples of them).
     return_residuals: also return r (batch, num_heads, q_len): the row log-sum-exp for softmax (sink included;
       sink mass = exp(sink_h - r_i)), the log row denominator for the normalised scores.
+    key_range: optional (lo, hi), int arrays (q_len,): query i sees only keys lo_i <= j < hi_i (on top of the
+      other masks; key blocks outside [min lo, max hi) of a query block are skipped). A query that sees no key gets
+      o = 0 and r = -0.7 * float32 max. Not with scores whose weights depend on the visible-key count.
 
   Returns:
     o (batch, q_len, num_heads, v_dim) in q.dtype, and r if ``return_residuals``.
@@ -214,6 +245,8 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, score: str = 
   groups = heads // kv_heads
   ctx = ScoreContext(q_len=q_len, kv_len=kv_len, head_dim=head_dim)
   hooks = fn.blockwise(ctx, **score_params)
+  if key_range is not None:
+    key_range = _check_key_range(key_range, q_len, score, hooks.needs_count)
   q, k, scale = fn.prepare_inputs(q, k, scale, ctx, score_params)
   sinks = fn.check_sink_logits(sink_logits, heads)
 
@@ -246,7 +279,11 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, score: str = 
     q_seg = q_seg.reshape(batch, nq, 1, 1, bq, 1).transpose(1, 0, 2, 3, 4, 5)
     kv_seg = kv_seg[:, None, None]  # (B, 1, 1, 1, Kp)
 
-  o, r = _blocked(st, qb, kt, vt, sinks, q_seg, kv_seg, count)
+  if key_range is not None:  # padded queries: lo = kp, hi = 0 (they see nothing and do not widen a block's loop)
+    lo, hi = _pad_axis(key_range[0], 0, qp, kp), _pad_axis(key_range[1], 0, qp, 0)
+    key_range = jnp.stack([lo, hi]).reshape(2, nq, bq).transpose(1, 0, 2)  # (nq, 2, bq)
+
+  o, r = _blocked(st, qb, kt, vt, sinks, q_seg, kv_seg, count, key_range)
   o = o.transpose(1, 0, 4, 2, 3, 5).reshape(batch, qp, heads, v_dim)[:, :q_len]
   if not return_residuals:
     return o

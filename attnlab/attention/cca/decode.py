@@ -49,14 +49,15 @@ def cca_init_cache(batch: int, max_len: int, num_heads: int, num_kv_heads: int, 
 
 def cca_prefill(q: jax.Array, k: jax.Array, v: jax.Array, *, max_len: int, group_size: int, window_size: int,
                 score: str = "softmax", scale: float | None = None, sink_logits: jax.Array | None = None,
-                block_q: int = 512, remat: bool = False, **score_params: Any) -> tuple[jax.Array, CCACache]:
+                block_q: int = 512, remat: bool = False, impl: str = "auto",
+                **score_params: Any) -> tuple[jax.Array, CCACache]:
   """Full CCA forward over the prompt and the compressed cache it leaves (see :func:`cca_attention`)."""
   g, s = group_size, window_size
   b, n, h, d = q.shape
   if n > max_len:
     raise ValueError(f"prompt length {n} exceeds max_len {max_len}")
   out = cca_attention(q, k, v, group_size=g, window_size=s, score=score, scale=scale, sink_logits=sink_logits,
-                      block_q=block_q, remat=remat, **score_params)
+                      block_q=block_q, remat=remat, impl=impl, **score_params)
   cache = cca_init_cache(b, max_len, h, k.shape[2], d, group_size=g, window_size=s, dtype=k.dtype)
   num_core = max(0, (n - s) // g)
   start = num_core * g

@@ -24,7 +24,7 @@ from flax import nnx, struct
 from jax.sharding import PartitionSpec as P
 
 from attnlab.attention.cache import FULL, CachePolicy, check_full_only, check_position, check_prompt, parse_policy
-from attnlab.attention.cca import (CCACache, cca_attention, cca_decode_step, cca_init_cache, cca_prefill,
+from attnlab.attention.cca import (CCA_IMPLS, CCACache, cca_attention, cca_decode_step, cca_init_cache, cca_prefill,
                                    cca_weights, check_cca_params)
 from attnlab.attention.config import GroupedKV, OutputGateField, QKNorm, SinkLogit
 from attnlab.attention.registry import register_attention
@@ -34,9 +34,12 @@ from attnlab.attention.projections import HeadsOutput, QKVProjection, make_gate
 @dataclasses.dataclass(frozen=True)
 class CCAConfig(SinkLogit, OutputGateField, QKNorm, GroupedKV):
   """CCA attention: ``group_size`` g tokens per core token, ``window_size`` s raw tokens of locality window
-  (s % g == 0; the paper's defaults are g = 16, s = 1024). ``block_q`` queries per block of the fast path;
-  ``remat`` recomputes blocks in the backward pass."""
+  (s % g == 0; the paper's defaults are g = 16, s = 1024). ``impl``: ``"auto"`` (the blocked flash core for
+  softmax, ``"xla"`` otherwise), ``"blocked"`` or ``"xla"`` (see :mod:`attnlab.attention.cca.forward`).
+  ``block_q`` queries per block; ``remat`` recomputes the ``"xla"`` path's blocks in the backward pass."""
 
+  IMPLS = CCA_IMPLS
+  impl: str = "auto"
   group_size: int = 16
   window_size: int = 64
   block_q: int = 512
@@ -47,6 +50,8 @@ class CCAConfig(SinkLogit, OutputGateField, QKNorm, GroupedKV):
     check_cca_params(self.group_size, self.window_size)
     if self.block_q < 1:
       raise ValueError(f"block_q must be >= 1; got {self.block_q}")
+    if self.impl == "blocked" and self.score != "softmax":
+      raise ValueError(f"CCAConfig.impl='blocked' runs the softmax score only; got score={self.score!r}")
 
   @property
   def cca_kwargs(self) -> dict:
@@ -66,7 +71,8 @@ class CCAAttention(HeadsOutput, nnx.Module):
       raise ValueError("CCA attention does not support packed segment_ids (groups would straddle documents)")
     cfg = self.cfg
     q, k, v = self.qkv(x, positions)
-    o = cca_attention(q, k, v, sink_logits=self.sinks(), block_q=cfg.block_q, remat=cfg.remat, **cfg.cca_kwargs)
+    o = cca_attention(q, k, v, sink_logits=self.sinks(), block_q=cfg.block_q, remat=cfg.remat, impl=cfg.impl,
+                      **cfg.cca_kwargs)
     y = self.output(x, o)
     aux = {}
     if return_internals:
@@ -88,7 +94,7 @@ class CCAAttention(HeadsOutput, nnx.Module):
     check_prompt(x.shape[1], cache.max_len)
     q, k, v = self.qkv(x, positions)
     o, inner = cca_prefill(q, k, v, max_len=cache.max_len, sink_logits=self.sinks(), block_q=self.cfg.block_q,
-                           **self.cfg.cca_kwargs)
+                           impl=self.cfg.impl, **self.cfg.cca_kwargs)
     return self.output(x, o), cache.replace(inner=inner)
 
   def step(self, x: jax.Array, *, position, cache: CCALayerCache):
