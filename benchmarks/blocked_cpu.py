@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 import attnlab
-from attnlab.attention.blocked import default_block
+from attnlab.attention.blocked import default_blocks
 
 
 def machine() -> dict:
@@ -90,7 +90,7 @@ def main():
     args = [jax.random.normal(kk, (1, n, a.heads, a.head_dim), jnp.float32) for kk in ks]
     load_before = load()
     t = interleaved(fns, args, a.repeats)
-    row = dict(n=n, block=default_block(n), load_avg_1m=[load_before, load()], **t,
+    row = dict(n=n, block=list(default_blocks(n)), load_avg_1m=[load_before, load()], **t,
                blocked_over_dense=t["blocked"]["median_s"] / t["dense"]["median_s"],
                dense_over_naive=t["dense"]["median_s"] / t["naive"]["median_s"])
     print(json.dumps({k: v for k, v in row.items() if k not in IMPLS}), flush=True)

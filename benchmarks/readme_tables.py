@@ -49,16 +49,21 @@ def _machine(m: dict) -> str:
   return f"{m.get('cpu', '?')}, {m.get('cpu_count', '?')} vCPUs, jax {m.get('jax', '?')}"
 
 
+def _block(block) -> str:
+  """A tile as "q × kv" (older results files hold one square size)."""
+  return " × ".join(map(str, block)) if isinstance(block, list) else str(block)
+
+
 def blocked_section(r: dict) -> list[str]:
   c = r["config"]
   out = [f"**Softmax baselines** (`benchmarks/blocked_cpu.py` → `benchmarks/results/blocked_cpu.json`; "
          f"{_machine(r['machine'])}; fwd+bwd, causal, f32, batch 1, {c['heads']} heads, d {c['head_dim']}, median "
          f"of {c['repeats']} interleaved rounds; load average given per row: the machine was shared):", "",
-         "| n | dense s | blocked s | blocked / dense | naive einsum s | block | load (1 min) |",
+         "| n | dense s | blocked s | blocked / dense | naive einsum s | block (q × kv) | load (1 min) |",
          "|---|---|---|---|---|---|---|"]
   for row in r["rows"]:
     out.append(f"| {_n(row['n'])} | {_s(row['dense']['median_s'])} | {_s(row['blocked']['median_s'])} | "
-               f"{row['blocked_over_dense']:.2f} | {_s(row['naive']['median_s'])} | {row['block']} | "
+               f"{row['blocked_over_dense']:.2f} | {_s(row['naive']['median_s'])} | {_block(row['block'])} | "
                f"{row['load_avg_1m'][0]:.1f} |")
   sm = r["summary"]
   out += ["", "| n | dense temp MiB | blocked temp MiB |", "|---|---|---|"]
@@ -67,8 +72,8 @@ def blocked_section(r: dict) -> list[str]:
   growth = ", ".join(f"{g:.2f}×" for g in sm["blocked_temp_growth_per_doubling"])
   out += ["", f"Blocked temporaries per doubling of n: {growth} (linear; dense: 4× per doubling). In this run "
           f"blocked was faster than dense from n = {sm['crossover_n']} on; `impl=\"auto\"` on CPU switches to "
-          f"blocked from `BLOCKED_CPU_MIN_LEN` = {BLOCKED_CPU_MIN_LEN} keys (rows below 1k are within the noise of "
-          "this shared machine across runs)."]
+          f"blocked from `BLOCKED_CPU_MIN_LEN` = {BLOCKED_CPU_MIN_LEN} keys. Blocked / dense at n = 2k: "
+          f"{sm['blocked_over_dense_at_2048']:.2f} (target ≤ {sm['target_blocked_over_dense_at_2048']})."]
   return out
 
 
@@ -100,19 +105,28 @@ def efficient_section(r: dict) -> list[str]:
   return out
 
 
+def _load_range(loads) -> str:
+  return f"{min(loads):.1f}–{max(loads):.1f}"
+
+
 def train_section(r: dict) -> list[str]:
   if "variants" not in r:
     return []
   out = [f"**Training step** (`benchmarks/train_throughput.py` → `benchmarks/results/train_throughput_cpu.json`; "
          f"{r.get('hardware', '')}): d_model {r['model']['d_model']}, {r['model']['num_layers']} layers, seq "
-         f"{r['model']['seq_len']}, batch {r['model']['batch']}; same run, interleaved.", "",
-         "| step | s/step (median) | tokens/s | MFU (vs matmul peak of this run) |", "|---|---|---|---|"]
+         f"{r['model']['seq_len']}, batch {r['model']['batch']}; {len(next(iter(r['variants'].values()))['all_s'])} "
+         f"interleaved rounds, load average {_load_range(r['load_avg_1m'])}; speed-up = median over rounds of "
+         "baseline time / step time in the same round, with its range).", "",
+         "| step | s/step (median) | tokens/s | MFU (vs matmul peak of this run) | vs plain NNX (range) |",
+         "|---|---|---|---|---|"]
   for name, x in r["variants"].items():
-    out.append(f"| {name} | {x['step_s']:.3f} | {x['tokens_per_s']:,.0f} | {x['mfu']:.0%} |")
+    lo, hi = x["speedup_range"]
+    out.append(f"| {name} | {x['step_s']:.3f} | {x['tokens_per_s']:,.0f} | {x['mfu']:.0%} | "
+               f"{x['speedup_vs_baseline']:.2f}× ({lo:.2f}–{hi:.2f}) |")
   s = r["summary"]
-  out += ["", f"Matmul peak {r['matmul_peak_gflops']['best']:.0f} GFLOP/s (2048² f32, same run). attnlab vs the "
-          f"plain NNX baseline: {s['speedup_vs_baseline']:.2f}× (target 1.3×); MFU {s['mfu']:.0%} (target 70 %). "
-          + s.get("verdict", "")]
+  out += ["", f"Matmul peak {r['matmul_peak_gflops']['best']:.0f} GFLOP/s (2048² f32, same run). Best f32 attnlab "
+          f"step ({s['best_attnlab']}) vs the f32 plain NNX baseline: {s['speedup_vs_baseline']:.2f}× (target 1.3×); "
+          f"MFU {s['mfu']:.0%} (target 70 %). " + s.get("verdict", "") + " " + s["bf16_note"]]
   c = r.get("ceiling_summary")
   if c:
     out += ["", f"Ceiling (the baseline's matmuls alone: attention replaced by q + k + v, no norms, no RoPE): "

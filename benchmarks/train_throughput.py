@@ -1,7 +1,7 @@
 """Training throughput and MFU of the d_model 256, 4-layer, seq 256 byte LM against this machine's f32 matmul peak
 and against a plain Flax NNX model of the same shape (2-D matmuls, ``jax.nn.dot_product_attention``), one run.
 
-    PYTHONPATH=. python benchmarks/train_throughput.py [--steps 6] [--batch 16] [--only attnlab_xla,plain_nnx]
+    PYTHONPATH=. python benchmarks/train_throughput.py [--steps 12] [--batch 16] [--only attnlab_xla,plain_nnx]
 
 Steps timed, interleaved (one step of every variant per round, so load changes hit all of them alike), median
 over ``--steps`` rounds after two warm-up steps:
@@ -14,6 +14,9 @@ over ``--steps`` rounds after two warm-up steps:
   * ``ceiling``: the baseline's matmuls alone (``PlainLM(..., ceiling=True)``: attention replaced by q + k + v, no
     norms, no RoPE), an upper bound on what any model of this shape reaches; ``ceiling_summary`` in the JSON says
     whether the targets lie below it.
+Speed-up vs the baseline = the median over rounds of (baseline time / variant time) in the same round (paired, so
+load changes between rounds cancel), with its range over rounds. The verdict compares the f32 attnlab steps with
+the f32 baseline; bf16 is reported beside them (the baseline is f32, so it is not a like-for-like ratio).
 MFU = XLA cost-analysis FLOPs of each compiled step / its median step time / the best f32 2048² matmul rate
 measured in the same run (before and after the steps). Writes benchmarks/results/train_throughput_cpu.json;
 ``--only a,b`` times those variants alone and prints them (no JSON).
@@ -157,6 +160,7 @@ def _mlp_hidden(params, d_model: int) -> int:
 
 ATTNLAB = {"attnlab_xla": ("xla", "float32"), "attnlab_blocked": ("blocked", "float32"),
            "attnlab_blocked_bf16": ("blocked", "bfloat16")}
+ATTNLAB_F32 = ("attnlab_xla", "attnlab_blocked")
 VARIANTS = (*ATTNLAB, "plain_nnx", "ceiling")
 TARGETS = {"speedup_vs_baseline": 1.3, "mfu": 0.7}
 
@@ -165,7 +169,7 @@ def ceiling_summary(rows: dict) -> dict:
   """What the targets ask for next to the ceiling (the baseline's matmuls alone, the fastest any model of this shape
   can be): its speedup over the baseline, its MFU, and whether each target lies below it (reachable in principle)."""
   c = rows["ceiling"]
-  speedup = rows["plain_nnx"]["step_s"] / c["step_s"]
+  speedup = c["speedup_vs_baseline"]
   return {"ceiling_speedup_vs_baseline": speedup, "ceiling_mfu": c["mfu"],
           "speedup_target_below_ceiling": TARGETS["speedup_vs_baseline"] < speedup,
           "mfu_target_below_ceiling": TARGETS["mfu"] < c["mfu"],
@@ -176,7 +180,7 @@ def ceiling_summary(rows: dict) -> dict:
 
 def main() -> None:
   ap = argparse.ArgumentParser()
-  ap.add_argument("--steps", type=int, default=6)
+  ap.add_argument("--steps", type=int, default=12)
   ap.add_argument("--batch", type=int, default=16)
   ap.add_argument("--seq", type=int, default=256)
   ap.add_argument("--out", default=OUT)
@@ -239,28 +243,31 @@ def main() -> None:
     med = float(np.median(v["times"]))
     rows[name] = dict(step_s=med, all_s=v["times"], tokens_per_s=tokens / med, xla_flops_per_step=v["flops"],
                       mfu=v["flops"] / med / peak, compile_s=v["compile_s"])
-  brief = {n: {k: r[k] for k in ("step_s", "tokens_per_s", "mfu")} for n, r in rows.items()}
-  if "plain_nnx" in rows:
-    for n, r in brief.items():
-      r["speedup_vs_baseline"] = rows["plain_nnx"]["step_s"] / rows[n]["step_s"]
+  if "plain_nnx" in variants:
+    for name, v in variants.items():
+      paired = [base / t for base, t in zip(variants["plain_nnx"]["times"], v["times"])]
+      rows[name].update(speedup_vs_baseline=float(np.median(paired)),
+                        speedup_range=[float(min(paired)), float(max(paired))])
+  brief = {n: {k: r[k] for k in ("step_s", "tokens_per_s", "mfu", "speedup_vs_baseline", "speedup_range") if k in r}
+           for n, r in rows.items()}
   if only:
     print(json.dumps({"matmul_peak_gflops": peak / 1e9, "load_avg_1m": loads, "variants": brief}, indent=1))
     return
 
-  best_name = min(ATTNLAB, key=lambda n: rows[n]["step_s"])
+  best_name = max(ATTNLAB_F32, key=lambda n: rows[n]["speedup_vs_baseline"])
   best = rows[best_name]
-  speedup = rows["plain_nnx"]["step_s"] / best["step_s"]
+  speedup = best["speedup_vs_baseline"]
   bf16_gain = rows["attnlab_blocked"]["step_s"] / rows["attnlab_blocked_bf16"]["step_s"]
   ceiling = ceiling_summary(rows)
   verdict = []
   if speedup < TARGETS["speedup_vs_baseline"]:
     verdict.append(f"Below the {TARGETS['speedup_vs_baseline']}x target "
                    f"(the ceiling, matmuls alone, is {ceiling['ceiling_speedup_vs_baseline']:.2f}x): the remaining "
-                   f"gap is element-wise work (attention's softmax and masks, norms, RoPE) and the backward pass.")
+                   f"gap is attention (small batched matmuls that XLA:CPU runs far below its large-matmul rate, softmax, masks) "
+                   f"and element-wise work (norms, RoPE) in both passes.")
   if best["mfu"] < TARGETS["mfu"]:
     verdict.append(f"MFU below {TARGETS['mfu']:.0%} (the ceiling reaches {ceiling['ceiling_mfu']:.0%}): attention "
-                   f"and element-wise work are not matmuls, and this shared machine's matmul peak is measured while "
-                   f"other jobs run.")
+                   f"and element-wise work are not matmuls.")
   result = {
       "model": {"d_model": 256, "num_layers": 4, "num_heads": 4, "seq_len": args.seq, "batch": args.batch,
                 "mlp": f"swiglu {hidden}", "params": n_params},
@@ -274,10 +281,9 @@ def main() -> None:
                   "bf16_speedup_over_f32_blocked": bf16_gain,
                   "bf16_note": (f"bf16 compute (f32 parameters) ran at {bf16_gain:.2f}x the f32 step on this CPU "
                                 f"(flags: {_bf16_flags()}). "
-                                + ("It helps: bf16 halves the bytes moved." if bf16_gain > 1.05 else
-                                   "It does not help: at these sizes the step is bound by element-wise work and "
-                                   "XLA:CPU's bf16 dots are not faster than its f32 ones, while every bf16 op adds "
-                                   "f32<->bf16 converts around norms, softmax and the loss.")),
+                                + ("It helps on this machine; the baseline runs in f32, so bf16 is not part of the "
+                                   "verdict." if bf16_gain > 1.05 else
+                                   "No clear gain on this CPU (below 1.05x; the step-to-step spread is larger).")),
                   "verdict": " ".join(verdict) or "Targets reached."},
       "ceiling_summary": ceiling,
       "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} vCPU, jax {jax.__version__} "

@@ -28,8 +28,9 @@ from attnlab.ops.scores import get_score
 from kernels_pallas.flash import flash_attention, flash_unsupported
 
 # impl="auto" on CPU: the blocked path from this many keys on (and q_len > 1), the dense path below. Measured with
-# benchmarks/blocked_cpu.py (fwd+bwd, causal, f32): see benchmarks/results/blocked_cpu.json.
-BLOCKED_CPU_MIN_LEN = 256
+# benchmarks/blocked_cpu.py (fwd+bwd, causal, f32) on an idle machine: blocked 1.4-1.5x slower at 256-512 keys,
+# faster from 1k (see benchmarks/results/blocked_cpu.json).
+BLOCKED_CPU_MIN_LEN = 1024
 
 
 @dataclasses.dataclass(frozen=True)

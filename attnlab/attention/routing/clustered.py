@@ -146,8 +146,9 @@ def nearest_attention(qk: jax.Array, v: jax.Array, cluster: jax.Array, *, window
 
   qk: (batch, seq, heads, d); v: (batch, seq, heads, dv); cluster: int (batch, seq, heads).
   impl: ``"chunks"`` (one batched einsum over all chunks, O(n w) memory) or ``"blocked"`` (the blocked flash
-  core, O(n) memory; fwd+bwd 0.9-1.3x the time of "chunks" on CPU at n = 2k-8k, w = sqrt(n): no clear gain, so
-  "chunks" stays the default; benchmarks/efficient_vs_softmax.py times both).
+  core, O(n) memory). On CPU (w = sqrt(n), benchmarks/efficient_vs_softmax.py) "blocked" took 1.2x the fwd+bwd
+  time of "chunks" at n = 2k and about the same from 8k to 16k with half the temporaries, so "chunks" stays the
+  default.
   Returns (batch, seq, heads, dv).
   """
   b, n, h, d = qk.shape
