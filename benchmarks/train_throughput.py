@@ -263,8 +263,8 @@ def main() -> None:
   if speedup < TARGETS["speedup_vs_baseline"]:
     verdict.append(f"Below the {TARGETS['speedup_vs_baseline']}x target "
                    f"(the ceiling, matmuls alone, is {ceiling['ceiling_speedup_vs_baseline']:.2f}x): the remaining "
-                   f"gap is attention (small batched matmuls that XLA:CPU runs far below its large-matmul rate, softmax, masks) "
-                   f"and element-wise work (norms, RoPE) in both passes.")
+                   f"gap is attention (small batched matmuls that XLA:CPU runs far below its large-matmul rate, "
+                   f"softmax, masks) and element-wise work (norms, RoPE) in both passes.")
   if best["mfu"] < TARGETS["mfu"]:
     verdict.append(f"MFU below {TARGETS['mfu']:.0%} (the ceiling reaches {ceiling['ceiling_mfu']:.0%}): attention "
                    f"and element-wise work are not matmuls.")

@@ -120,9 +120,9 @@ def select_backend(impl: str, q, k, v, **call) -> Backend:
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, score: str = "softmax", causal: bool = True,
-           window: int | None = None, scale: float | None = None, bias: jax.Array | None = None, mask: jax.Array | None = None,
-           segment_ids: Any = None, sink_logits: jax.Array | None = None, impl: str = "xla",
-           **score_params) -> jax.Array:
+           window: int | None = None, scale: float | None = None, bias: jax.Array | None = None,
+           mask: jax.Array | None = None, segment_ids: Any = None, sink_logits: jax.Array | None = None,
+           impl: str = "xla", **score_params) -> jax.Array:
   """Attention ``o_i = sum_j p_ij v_j`` with ``p = score(scale * q k^T + bias)`` over visible keys.
 
   Args:
