@@ -49,11 +49,6 @@ def _machine(m: dict) -> str:
   return f"{m.get('cpu', '?')}, {m.get('cpu_count', '?')} vCPUs, jax {m.get('jax', '?')}"
 
 
-def _block(block) -> str:
-  """A tile as "q × kv" (older results files hold one square size)."""
-  return " × ".join(map(str, block)) if isinstance(block, list) else str(block)
-
-
 def blocked_section(r: dict) -> list[str]:
   c = r["config"]
   out = [f"**Softmax baselines** (`benchmarks/blocked_cpu.py` → `benchmarks/results/blocked_cpu.json`; "
@@ -62,8 +57,9 @@ def blocked_section(r: dict) -> list[str]:
          "| n | dense s | blocked s | blocked / dense | naive einsum s | block (q × kv) | load (1 min) |",
          "|---|---|---|---|---|---|---|"]
   for row in r["rows"]:
+    block = " × ".join(map(str, row["block"]))
     out.append(f"| {_n(row['n'])} | {_s(row['dense']['median_s'])} | {_s(row['blocked']['median_s'])} | "
-               f"{row['blocked_over_dense']:.2f} | {_s(row['naive']['median_s'])} | {_block(row['block'])} | "
+               f"{row['blocked_over_dense']:.2f} | {_s(row['naive']['median_s'])} | {block} | "
                f"{row['load_avg_1m'][0]:.1f} |")
   sm = r["summary"]
   out += ["", "| n | dense temp MiB | blocked temp MiB |", "|---|---|---|"]

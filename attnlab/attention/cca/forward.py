@@ -59,6 +59,15 @@ def _band_masks(t0, band_start, block_q: int, width: int, num_core: int, g: int,
 CCA_IMPLS = ("auto", "blocked", "xla")
 
 
+def check_cca_impl(impl: str, score: str, field: str = "CCA impl") -> None:
+  """Raises ValueError unless ``impl`` is one of :data:`CCA_IMPLS` and fits ``score`` ("blocked": softmax only)."""
+  if impl not in CCA_IMPLS:
+    raise ValueError(f"{field} must be one of {CCA_IMPLS}; got {impl!r}")
+  if impl == "blocked" and score != "softmax":
+    raise ValueError(f"{field}='blocked' runs the softmax score only (its two parts merge by log-sum-exp); got "
+                     f"score={score!r}: use impl='xla'")
+
+
 def cca_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, group_size: int, window_size: int,
                   score: str = "softmax", scale: float | None = None, sink_logits: jax.Array | None = None,
                   block_q: int = 512, remat: bool = True, impl: str = "auto", **score_params: Any) -> jax.Array:
@@ -84,11 +93,7 @@ def cca_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, group_size: int, 
                      f"use cca_decode_step to decode with a cache")
   if block_q < 1:
     raise ValueError(f"block_q must be >= 1; got {block_q}")
-  if impl not in CCA_IMPLS:
-    raise ValueError(f"CCA impl must be one of {CCA_IMPLS}; got {impl!r}")
-  if impl == "blocked" and score != "softmax":
-    raise ValueError(f"CCA impl='blocked' runs the softmax score only (its two parts merge by log-sum-exp); got "
-                     f"score={score!r}: use impl='xla'")
+  check_cca_impl(impl, score)
   if score == "softmax" and impl != "xla":
     out = _cca_blocked(*(x.astype(jnp.float32) for x in (q, k, v)), group_size=group_size,
                        window_size=window_size, scale=scale, sink_logits=sink_logits, block_q=block_q)
@@ -140,15 +145,14 @@ def _cca_blocked(q, k, v, *, group_size: int, window_size: int, scale, sink_logi
   b, n, h, d = q.shape
   t = jnp.arange(n, dtype=jnp.int32)
   c = visible_core_count(t, g, s)
-  blocks = dict(block_q=block_q)
   o_w, r_w = blocked_attention(q, k, v, causal=True, scale=scale, sink_logits=sink_logits, key_range=(c * g, t + 1),
-                               return_residuals=True, **blocks)
-  if max(0, (n - s) // g) == 0:  # no query sees a core token
+                               return_residuals=True, block_q=block_q)
+  if (n - s) // g <= 0:  # c(n - 1) = 0: no query sees a core token
     return o_w
   core_k, core_v = pool_core(q, k, v, g)
   core_k, core_v = (x.reshape(b, x.shape[1], h, d) for x in (core_k, core_v))  # one core head per query head
   o_c, r_c = blocked_attention(q, core_k, core_v, causal=False, scale=scale, key_range=(jnp.zeros_like(c), c),
-                               return_residuals=True, **blocks)
+                               return_residuals=True, block_q=block_q)
   r = jnp.logaddexp(r_c, r_w)
   weight = lambda r_part: jnp.exp(r_part - r).transpose(0, 2, 1)[..., None]  # (B, n, H, 1)
   return weight(r_c) * o_c + weight(r_w) * o_w

@@ -130,8 +130,8 @@ def _sorted_blocked(qs, vs, cs, ss, *, window: int, scale: float):
   """The same attention as :func:`_sorted_chunks` on the blocked flash core: in sorted order "0 <= rank gap <
   window" is a causal sliding window and "same cluster, same segment" a segment id, one per (batch, head) row."""
   b, h, n, _ = qs.shape
-  span = jnp.max(ss) - jnp.min(ss) + 1
-  ids = (cs * span + ss - jnp.min(ss)).reshape(b * h, n)
+  first = jnp.min(ss)
+  ids = (cs * (jnp.max(ss) - first + 1) + ss - first).reshape(b * h, n)
   fold = lambda x: x.reshape(b * h, n, 1, x.shape[-1])
   block = max(window, 32)
   out = blocked_attention(fold(qs), fold(qs), fold(vs), causal=True, window=window, scale=scale, segment_ids=ids,

@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 from attnlab.attention.cache import FULL, CachePolicy, check_full_only, check_position, check_prompt, parse_policy
 from attnlab.attention.cca import (CCA_IMPLS, CCACache, cca_attention, cca_decode_step, cca_init_cache, cca_prefill,
-                                   cca_weights, check_cca_params)
+                                   cca_weights, check_cca_impl, check_cca_params)
 from attnlab.attention.config import GroupedKV, OutputGateField, QKNorm, SinkLogit
 from attnlab.attention.registry import register_attention
 from attnlab.attention.projections import HeadsOutput, QKVProjection, make_gate
@@ -50,8 +50,7 @@ class CCAConfig(SinkLogit, OutputGateField, QKNorm, GroupedKV):
     check_cca_params(self.group_size, self.window_size)
     if self.block_q < 1:
       raise ValueError(f"block_q must be >= 1; got {self.block_q}")
-    if self.impl == "blocked" and self.score != "softmax":
-      raise ValueError(f"CCAConfig.impl='blocked' runs the softmax score only; got score={self.score!r}")
+    check_cca_impl(self.impl, self.score, field="CCAConfig.impl")
 
   @property
   def cca_kwargs(self) -> dict:
