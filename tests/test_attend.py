@@ -204,3 +204,96 @@ def test_bad_arguments_raise_clear_errors():
     attnlab.attend(q, q, q, bias=jnp.zeros((1, 3, 4, 4)))
   with pytest.raises(ValueError, match="segment_ids"):
     attnlab.attend(q, q, q, segment_ids=jnp.zeros((1, 5), jnp.int32))
+
+
+# (id, score, params, sinks, per-sequence bias, shared mask, segments, kv heads, q_len, kv_len, chunk); batch 6
+CHUNK_CASES = [
+    ("softmax_sinks_bias", "softmax", {}, True, True, False, False, 4, 6, 6, 1),
+    ("softmax_segments_gqa", "softmax", {}, False, False, False, True, 2, 7, 7, 2),
+    ("sigmoid_shared_mask", "sigmoid", {}, False, False, True, False, 4, 3, 7, 3),
+    ("softpick_bias_mask", "softpick", {}, False, True, True, False, 2, 6, 6, 2),
+    ("causal_split", "softmax", {}, True, False, False, True, 2, 256, 256, 3),
+]
+
+
+@pytest.mark.parametrize("case", CHUNK_CASES, ids=[c[0] for c in CHUNK_CASES])
+def test_batch_chunks_match_reference(case):
+  """``batch_chunk``: chunks of sequences under lax.map, recomputed in the backward pass, equal the float64
+  reference (forward and gradients w.r.t. q, k, v and a per-sequence bias), whatever the chunk size."""
+  from attnlab.ops.dense import dense_attention
+  _, score, params, with_sinks, with_bias, with_mask, with_segments, kv_heads, q_len, kv_len, chunk = case
+  heads, batch = 4, 6
+  q, k, v, bias, ct = make_inputs(11, q_len, kv_len, heads, kv_heads, batch=batch)
+  rng = np.random.default_rng(5)
+  kw = dict(score=score, causal=True, **params)
+  if with_sinks:
+    kw["sink_logits"] = SINKS[:heads].astype(np.float32)
+  if with_mask:
+    kw["mask"] = rng.random((1, heads, q_len, kv_len)) < 0.8
+  if with_segments:
+    ids = np.sort(rng.integers(0, 3, (batch, q_len)), axis=1).astype(np.int32)
+    kw["segment_ids"] = (ids, ids)
+  bias = bias if with_bias else None
+
+  def loss(fn, q, k, v, bias, **extra):
+    out = fn(q, k, v, bias=bias, **kw, **extra)
+    return jnp.sum(out * ct), out
+
+  argnums = (0, 1, 2, 3) if with_bias else (0, 1, 2)
+  (_, out), grads = jax.jit(jax.value_and_grad(functools.partial(loss, dense_attention, batch_chunk=chunk),
+                                               argnums=argnums, has_aux=True))(q, k, v, bias)
+  (_, ref), ref_grads = with_x64(lambda *a: jax.value_and_grad(functools.partial(loss, reference_attend),
+                                                               argnums=argnums, has_aux=True)(
+      *[None if x is None else jnp.asarray(x, jnp.float64) for x in a]), q, k, v, bias)
+  assert relative_error(out, ref) < 2e-5, "forward"
+  for i, (g, rg) in enumerate(zip(grads, ref_grads)):
+    assert relative_error(g, rg) < 2e-4, f"gradient w.r.t. argument {i}"
+
+
+def test_batch_chunks_keep_no_full_weights_for_the_backward_pass():
+  """The point of the chunks: the compiled fwd+bwd needs far less scratch memory than the whole-batch dense path,
+  which keeps (batch, heads, q_len, kv_len) weights for its backward pass."""
+  from attnlab.ops.dense import dense_attention
+  spec = jax.ShapeDtypeStruct((16, 256, 4, 16), jnp.float32)
+
+  def temp_bytes(chunk):
+    f = jax.grad(lambda q, k, v: jnp.sum(dense_attention(q, k, v, batch_chunk=chunk) ** 2), argnums=(0, 1, 2))
+    return jax.jit(f).lower(spec, spec, spec).compile().memory_analysis().temp_size_in_bytes
+
+  whole, chunked = temp_bytes(None), temp_bytes(2)
+  weights = 16 * 4 * 256 * 256 * 4
+  assert whole > weights / 2, (whole, weights)  # the whole-batch path holds weights for the backward pass
+  assert chunked < whole / 3, (chunked, whole)
+
+
+def test_cpu_batch_chunk_policy():
+  """Chunks are the largest divisor of the batch within max(MIN_CPU_CHUNK, budget / logit bytes per sequence);
+  None when that is the whole batch or a single sequence."""
+  from attnlab.ops.dense import CPU_CHUNK_LOGIT_BYTES, MIN_CPU_CHUNK, cpu_batch_chunk
+  per_sequence = 4 * 4 * 128 * 128
+  fits = CPU_CHUNK_LOGIT_BYTES // per_sequence
+  assert fits > MIN_CPU_CHUNK
+  assert cpu_batch_chunk(fits, 4, 128, 128) is None  # the whole batch fits
+  assert cpu_batch_chunk(8 * fits, 4, 128, 128) == fits
+  assert cpu_batch_chunk(16, 4, 2048, 2048) == MIN_CPU_CHUNK  # large sequences: the minimum chunk
+  assert cpu_batch_chunk(15, 4, 2048, 2048) is None  # odd batch: only single sequences, not worth a loop
+  assert cpu_batch_chunk(1, 64, 4096, 4096) is None
+  assert cpu_batch_chunk(6, 4, 1, 4096) is None  # decode steps: tiny logits
+
+
+def test_attend_on_cpu_runs_the_dense_path_in_batch_chunks():
+  """impl='xla' on CPU passes cpu_batch_chunk to the dense path: a lax.map (a scan) over the chunks."""
+  q = jnp.zeros((16, 256, 4, 16))
+  assert jax.default_backend() == "cpu"
+  jaxpr = str(jax.make_jaxpr(lambda q: attnlab.attend(q, q, q, impl="xla"))(q))
+  assert "scan[" in jaxpr
+  small = jnp.zeros((2, 16, 4, 16))
+  assert "scan[" not in str(jax.make_jaxpr(lambda q: attnlab.attend(q, q, q, impl="xla"))(small))
+
+
+@pytest.mark.parametrize("chunk", [0, 4, 2.0])
+def test_bad_batch_chunk_is_one_clear_error(chunk):
+  from attnlab.ops.dense import dense_attention
+  q = jnp.zeros((6, 4, 2, 8))
+  with pytest.raises(ValueError, match=r"batch_chunk must be a positive divisor of the batch \(6\); got"):
+    dense_attention(q, q, q, batch_chunk=chunk)

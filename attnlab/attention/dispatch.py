@@ -11,7 +11,8 @@ The table, in ``impl="auto"``'s order:
     through instead of raising;
   * "blocked" (every platform; on CPU only from ``BLOCKED_CPU_MIN_LEN`` keys on, the measured crossover): the
     pure-JAX flash path of :mod:`attnlab.attention.blocked`;
-  * "xla": the dense path (:func:`attnlab.ops.dense.dense_attention`), which takes every call.
+  * "xla": the dense path (:func:`attnlab.ops.dense.dense_attention`), which takes every call; on CPU it runs the
+    batch in cache-sized chunks (:func:`attnlab.ops.dense.cpu_batch_chunk`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any, Callable
 import jax
 
 from attnlab.attention.blocked import blocked_attention, blocked_unsupported
-from attnlab.ops.dense import check_inputs, dense_attention
+from attnlab.ops.dense import check_inputs, cpu_batch_chunk, dense_attention
 from attnlab.ops.masks import check_window
 from attnlab.ops.scores import get_score
 from kernels_pallas.flash import flash_attention, flash_unsupported
@@ -61,6 +62,14 @@ def _dense_unsupported(q, k, v, **_) -> None:
   del q, k, v
 
 
+def _dense_run(q, k, v, **kwargs):
+  """The dense path; on CPU in cache-sized batch chunks (:func:`attnlab.ops.dense.cpu_batch_chunk`)."""
+  chunk = None
+  if jax.default_backend() == "cpu":
+    chunk = cpu_batch_chunk(q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+  return dense_attention(q, k, v, batch_chunk=chunk, **kwargs)
+
+
 def _flash_run(q, k, v, *, bias, mask, **kwargs):
   del bias, mask  # always None here: the kernel declines calls that carry them
   return flash_attention(q, k, v, **kwargs)
@@ -91,7 +100,7 @@ def _blocked_auto_when(platform: str, q, k, v, **_) -> bool:
   return platform != "cpu" or (q.shape[1] > 1 and k.shape[1] >= BLOCKED_CPU_MIN_LEN)
 
 
-register_backend(Backend("xla", dense_attention, _dense_unsupported, ("cpu", "gpu", "tpu")))
+register_backend(Backend("xla", _dense_run, _dense_unsupported, ("cpu", "gpu", "tpu")))
 register_backend(Backend("pallas", _flash_run, flash_unsupported, ("gpu", "tpu")), before="xla")
 register_backend(Backend("blocked", _blocked_run, blocked_unsupported, ("cpu", "gpu", "tpu"), _blocked_auto_when),
                  before="xla")

@@ -14,6 +14,7 @@ the score function maps them to weights ``p_ij`` and ``o_i = sum_j p_ij v_j``.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -116,6 +117,53 @@ def attention_weights(q: jax.Array, k: jax.Array, *, score: str = "softmax", cau
   return jnp.broadcast_to(w, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
 
 
+# On CPU the dense path runs the batch in chunks of at least MIN_CPU_CHUNK sequences, more while the chunk's float32
+# logits (sequences x heads x q_len x kv_len) fit in CPU_CHUNK_LOGIT_BYTES. Measured with
+# benchmarks/dense_chunks_cpu.py (fwd+bwd, 4 and 8 heads, batch x seq from 4 x 512 to 64 x 128): 2-4 sequences per
+# chunk were fastest in every shape (1.4-2x the whole batch at once), one sequence per step was slower than two
+# in all of them (see benchmarks/results/dense_chunks_cpu.json).
+CPU_CHUNK_LOGIT_BYTES = 2 ** 20
+MIN_CPU_CHUNK = 2
+
+
+def cpu_batch_chunk(batch: int, heads: int, q_len: int, kv_len: int) -> int | None:
+  """The ``batch_chunk`` of :func:`dense_attention` on CPU: the largest divisor of ``batch`` that is at most
+  ``max(MIN_CPU_CHUNK, CPU_CHUNK_LOGIT_BYTES // logit bytes per sequence)``; None when that is 1 or the whole
+  batch (nothing to gain)."""
+  most = max(MIN_CPU_CHUNK, CPU_CHUNK_LOGIT_BYTES // (4 * heads * q_len * kv_len))
+  chunk = max(c for c in range(1, min(most, batch) + 1) if batch % c == 0)
+  return None if chunk in (1, batch) else chunk
+
+
+def _map_batch_chunks(run, chunk: int, q, k, v, *, bias, mask, segment_ids):
+  """``run(q, k, v, bias=, mask=, segment_ids=)`` over chunks of ``chunk`` sequences, one ``lax.map`` step each,
+  rematerialised in the backward pass. A bias or mask with batch size 1 is shared by every chunk."""
+  batch, q_len, heads, _ = q.shape
+  kv_len = k.shape[1]
+  if not isinstance(chunk, int) or chunk < 1 or batch % chunk:
+    raise ValueError(f"batch_chunk must be a positive divisor of the batch ({batch}); got {chunk!r}")
+  bias = _broadcastable(None if bias is None else jnp.asarray(bias, jnp.float32), "bias", batch, heads, q_len,
+                        kv_len)
+  mask = _broadcastable(None if mask is None else jnp.asarray(mask, bool), "mask", batch, heads, q_len, kv_len)
+  per_chunk = {"q": q, "k": k, "v": v, "segment_ids": split_segment_ids(segment_ids, batch, q_len, kv_len)}
+  shared = {}
+  for name, x in (("bias", bias), ("mask", mask)):
+    (per_chunk if x is not None and x.shape[0] == batch else shared)[name] = x
+  if per_chunk["segment_ids"][0] is None:
+    per_chunk["segment_ids"] = None
+  split = lambda x: x.reshape(batch // chunk, chunk, *x.shape[1:])
+
+  @jax.checkpoint
+  def one_chunk(xs):
+    xs = {**shared, **xs}
+    segs = xs["segment_ids"]
+    return run(xs["q"], xs["k"], xs["v"], bias=xs["bias"], mask=xs["mask"],
+               segment_ids=None if segs is None else tuple(segs))
+
+  out = jax.lax.map(one_chunk, jax.tree.map(split, per_chunk))
+  return out.reshape(batch, *out.shape[2:])
+
+
 # Causal softmax calls with at least this many queries run as two query halves, the first against only the keys it
 # can see: a quarter of the n x n logits, weights and their gradients is never formed. Measured on CPU with
 # benchmarks/train_throughput.py (seq 256: the step ~4 % faster); the blocked path takes over at longer lengths.
@@ -125,7 +173,7 @@ CAUSAL_SPLIT_MIN_LEN = 256
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, score: str = "softmax", causal: bool = True,
                     window: int | None = None, scale: float | None = None, bias: jax.Array | None = None,
                     mask: jax.Array | None = None, segment_ids: Any = None, sink_logits: jax.Array | None = None,
-                    **score_params) -> jax.Array:
+                    batch_chunk: int | None = None, **score_params) -> jax.Array:
   """``o_i = sum_j p_ij v_j`` from the full (q_len, kv_len) weights; same arguments as :func:`attnlab.attend`.
 
   The float32 reference the blocked path and the kernels are checked against, and the fastest path for short
@@ -134,9 +182,18 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, score: str = "s
   and no bias or mask: queries ``[0, h)``, ``h = q_len // 2``, attend to keys ``[0, kv_len - q_len + h)`` only
   (end-aligned, the keys they can see; softmax weights are row-local, so the rows are unchanged), the rest to all
   keys.
+
+  ``batch_chunk``: run that many sequences at a time (``lax.map``) and recompute each chunk's weights in the
+  backward pass (``jax.checkpoint``) instead of storing them: a chunk's n x n logits, weights and gradients stay in
+  cache, and the backward pass keeps no (batch, heads, q_len, kv_len) residual. It must divide the batch; None (the
+  default) runs the whole batch at once. ``attend`` picks it on CPU with :func:`cpu_batch_chunk`.
   """
   check_inputs(q, k, v)
   q_len, kv_len = q.shape[1], k.shape[1]
+  if batch_chunk is not None and batch_chunk != q.shape[0]:
+    run = functools.partial(dense_attention, score=score, causal=causal, window=window, scale=scale,
+                            sink_logits=sink_logits, **score_params)
+    return _map_batch_chunks(run, batch_chunk, q, k, v, bias=bias, mask=mask, segment_ids=segment_ids)
   call = dict(score=score, causal=causal, window=window, scale=scale, bias=bias, mask=mask, sink_logits=sink_logits,
               **score_params)
   if not (causal and score == "softmax" and bias is None and mask is None and q_len >= CAUSAL_SPLIT_MIN_LEN):
