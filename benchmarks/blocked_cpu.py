@@ -3,7 +3,7 @@ compiled temporary memory. Writes benchmarks/results/blocked_cpu.json.
 
     PYTHONPATH=. python benchmarks/blocked_cpu.py [--sizes 128 256 ... 4096] [--mem_sizes 1024 ... 16384]
 
-Same process, interleaved (every implementation once per round, rounds repeated), median of ``--repeats`` rounds
+Same process, interleaved (every implementation once per round, the order rotated each round, rounds repeated), median of ``--repeats`` rounds
 after a warm-up, the 1-minute load average recorded before and after each size. Implementations (causal, float32,
 batch 1, 4 heads, head_dim 64, fwd+bwd = grad of sum(o * w) w.r.t. q, k, v):
   * ``dense``: ``attend(impl="xla")`` (the lean dense path); ``blocked``: ``attend(impl="blocked")``;
@@ -18,12 +18,12 @@ import json
 import os
 import platform
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
 import attnlab
+from _timing import rotated_rounds  # benchmarks/_timing.py (the script's folder is on sys.path)
 from attnlab.attention.blocked import default_blocks
 
 
@@ -61,16 +61,12 @@ def fwd_bwd(attn):
 
 
 def interleaved(fns: dict, args, repeats: int) -> dict:
-  """Median seconds per implementation; each round runs every implementation once (same conditions)."""
+  """Median seconds per implementation; each round runs every implementation once (same conditions), in an order
+  rotated each round (:func:`_timing.rotated_rounds`)."""
   compiled = {name: fn.lower(*args).compile() for name, fn in fns.items()}
   for c in compiled.values():
     jax.block_until_ready(c(*args))
-  times = {name: [] for name in fns}
-  for _ in range(repeats):
-    for name, c in compiled.items():
-      t = time.perf_counter()
-      jax.block_until_ready(c(*args))
-      times[name].append(time.perf_counter() - t)
+  times = rotated_rounds(compiled, repeats, lambda name, _: jax.block_until_ready(compiled[name](*args)))
   return {name: dict(median_s=statistics.median(t), all_s=t) for name, t in times.items()}
 
 

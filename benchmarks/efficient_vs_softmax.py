@@ -10,7 +10,7 @@ Variants (b 1, 2 heads, head_dim 64, float32, causal, fwd+bwd = grad of sum(o * 
     norm, k = round(sqrt(n)) clusters, window ceil(n / k)), routing included, sorted chunks (the default);
     ``routing_blocked``: the same on the blocked flash core;
 against ``softmax_dense`` (``attend(impl="xla")``, n x n) and ``softmax_blocked`` (``attend(impl="blocked")``,
-O(n) memory). Same process, interleaved rounds (every implementation once per round), median of ``--repeats``
+O(n) memory). Same process, interleaved rounds (every implementation once per round, the order rotated each round), median of ``--repeats``
 after a warm-up, 1-minute load average per size. Dense softmax is timed only while its compiled temporaries stay
 below ``--dense_max_gib`` (its memory is always reported). Landmark and meta tokens are not included: their
 cost is softmax attention over the same keys plus a few extra tokens (nothing to gain or lose vs softmax).
@@ -24,7 +24,6 @@ import json
 import math
 import os
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +32,8 @@ import attnlab
 from attnlab.attention.cca import cca_attention
 from attnlab.ops.lightning import lightning_chunked, log_decay
 from attnlab.attention.routing import layer_norm, nearest_attention, nearest_centroid
-from blocked_cpu import load, machine  # benchmarks/ (the script's folder is on sys.path)
+from _timing import rotated_rounds  # benchmarks/ (the script's folder is on sys.path)
+from blocked_cpu import load, machine
 
 VARIANTS = ("lightning", "cca", "cca_xla", "routing", "routing_blocked")
 BASELINES = ("softmax_dense", "softmax_blocked")
@@ -94,12 +94,7 @@ def main():
         continue
       compiled[name] = c
       jax.block_until_ready(c(*args))  # warm-up
-    times = {name: [] for name in compiled}
-    for _ in range(a.repeats):
-      for name, c in compiled.items():
-        t = time.perf_counter()
-        jax.block_until_ready(c(*args))
-        times[name].append(time.perf_counter() - t)
+    times = rotated_rounds(compiled, a.repeats, lambda name, _: jax.block_until_ready(compiled[name](*args)))
     for name, t in times.items():
       row[name].update(median_s=statistics.median(t), all_s=t)
     for v in VARIANTS:

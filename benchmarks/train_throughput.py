@@ -3,7 +3,8 @@ and against a plain Flax NNX model of the same shape (2-D matmuls, ``jax.nn.dot_
 
     PYTHONPATH=. python benchmarks/train_throughput.py [--steps 12] [--batch 16] [--only attnlab_xla,plain_nnx]
 
-Steps timed, interleaved (one step of every variant per round, so load changes hit all of them alike), median
+Steps timed, interleaved (one step of every variant per round, so load changes hit all of them alike; the order
+rotated each round), median
 over ``--steps`` rounds after two warm-up steps:
   * ``attnlab_xla``: the harness's step (``attnlab.train.step.train_step_fn``: donated state, fused log-sum-exp
     loss) with ``AttentionConfig(impl="xla")`` (dense attention);
@@ -45,6 +46,7 @@ from attnlab.state.optimizer import OptimizerConfig
 from attnlab.train.config import TrainConfig
 from attnlab.train.experiment import ExperimentConfig
 from attnlab.train.step import train_step_fn
+from _timing import rotated_rounds  # benchmarks/_timing.py (the script's folder is on sys.path)
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "train_throughput_cpu.json")
 
@@ -225,14 +227,15 @@ def main() -> None:
     for b in batches[:2]:  # warm-up
       v["state"], m = v["step"](v["state"], b)
     jax.block_until_ready(m)
-    v["times"] = []
   loads = [os.getloadavg()[0]]
-  for b in batches[2:]:
-    for v in variants.values():
-      t = time.perf_counter()
-      v["state"], m = v["step"](v["state"], b)
-      jax.block_until_ready(m)
-      v["times"].append(time.perf_counter() - t)
+
+  def run(name: str, r: int):
+    v = variants[name]
+    v["state"], m = v["step"](v["state"], batches[2 + r])
+    jax.block_until_ready(m)
+
+  for name, t in rotated_rounds(variants, args.steps, run).items():
+    variants[name]["times"] = t
   loads.append(os.getloadavg()[0])
   peaks.append(matmul_peak())
   peak = max(p[0] for p in peaks)
