@@ -119,9 +119,9 @@ def attention_weights(q: jax.Array, k: jax.Array, *, score: str = "softmax", cau
 
 # On CPU the dense path runs the batch in chunks of at least MIN_CPU_CHUNK sequences, more while the chunk's float32
 # logits (sequences x heads x q_len x kv_len) fit in CPU_CHUNK_LOGIT_BYTES. Measured with
-# benchmarks/dense_chunks_cpu.py (fwd+bwd, 4 and 8 heads, batch x seq from 4 x 512 to 64 x 128): 2-4 sequences per
-# chunk were fastest in every shape (1.4-2x the whole batch at once), one sequence per step was slower than two
-# in all of them (see benchmarks/results/dense_chunks_cpu.json).
+# benchmarks/dense_chunks_cpu.py (fwd+bwd; --heads 4 and 8, --shapes from 4x512 to 64x128): 2-4 sequences per chunk
+# were fastest in every shape (1.1-2x the whole batch at once), one sequence per step was slower than two in all
+# of them (the default shapes: benchmarks/results/dense_chunks_cpu.json).
 CPU_CHUNK_LOGIT_BYTES = 2 ** 20
 MIN_CPU_CHUNK = 2
 
