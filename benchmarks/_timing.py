@@ -25,9 +25,9 @@ def compile_and_time(fn, args, repeats: int, run: bool = True) -> dict:
 
 def rotated_rounds(names, repeats: int, run) -> dict[str, list[float]]:
   """Wall-clock seconds of ``run(name, round)`` for every name in each of ``repeats`` rounds (``run`` must block
-  until its work is done). The order rotates by one each round, so that no call always runs right after the same
-  one: a call that follows one with large temporaries (the dense n x n path) runs measurably slower (15-30 ms at
-  2k keys on the 2-vCPU machine), and a fixed order would charge that to the same call every round."""
+  until its work is done). The order rotates by one each round, so that no call always runs in the same position
+  (e.g. right after the dense n x n path, which frees large temporaries): an order effect is spread over all calls
+  instead of being charged to one of them every round."""
   names = list(names)
   times = {name: [] for name in names}
   for r in range(repeats):
