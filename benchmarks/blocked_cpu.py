@@ -62,12 +62,14 @@ def fwd_bwd(attn):
 
 def interleaved(fns: dict, args, repeats: int) -> dict:
   """Median seconds per implementation; each round runs every implementation once (same conditions), in an order
-  rotated each round (:func:`_timing.rotated_rounds`)."""
+  rotated each round (:func:`_timing.rotated_rounds`). Also XLA's compiled temporary bytes of each."""
   compiled = {name: fn.lower(*args).compile() for name, fn in fns.items()}
   for c in compiled.values():
     jax.block_until_ready(c(*args))
   times = rotated_rounds(compiled, repeats, lambda name, _: jax.block_until_ready(compiled[name](*args)))
-  return {name: dict(median_s=statistics.median(t), all_s=t) for name, t in times.items()}
+  return {name: dict(median_s=statistics.median(t), all_s=t,
+                     temp_bytes=int(compiled[name].memory_analysis().temp_size_in_bytes))
+          for name, t in times.items()}
 
 
 def main():

@@ -50,15 +50,14 @@ def main():
     fns = {name: fwd_bwd(f) for name, f in options(batch).items()}
     load_before = load()
     times = interleaved(fns, args, a.repeats)
-    spec = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in args]
-    temp = {name: int(f.lower(*spec).compile().memory_analysis().temp_size_in_bytes) for name, f in fns.items()}
     policy = cpu_batch_chunk(batch, a.heads, n, n)
     policy_name = "whole" if policy is None else f"chunk_{policy}"
     whole = times["whole"]["median_s"]
     row = dict(batch=batch, n=n, load_avg_1m=[load_before, load()], policy=policy_name,
                logit_bytes_per_sequence=4 * a.heads * n * n,
                median_s={name: t["median_s"] for name, t in times.items()},
-               all_s={name: t["all_s"] for name, t in times.items()}, temp_bytes=temp,
+               all_s={name: t["all_s"] for name, t in times.items()},
+               temp_bytes={name: t["temp_bytes"] for name, t in times.items()},
                speedup_over_whole={name: whole / t["median_s"] for name, t in times.items()},
                best=min(times, key=lambda name: times[name]["median_s"]))
     print(json.dumps({k: v for k, v in row.items() if k != "all_s"}), flush=True)

@@ -3,9 +3,8 @@
     PYTHONPATH=. python benchmarks/readme_tables.py [--readme README.md] [--check]
 
 Reads blocked_cpu.json (blocked vs dense softmax, memory), dense_chunks_cpu.json (the dense path's batch chunks),
-efficient_vs_softmax_cpu.json (every efficient variant
-against both softmax baselines) and train_throughput_cpu.json (training step vs a plain NNX baseline), and rewrites
-the text between ``<!-- speed:begin -->`` and ``<!-- speed:end -->``. ``--check`` exits 1 if the README is stale.
+efficient_vs_softmax_cpu.json (every efficient variant against both softmax baselines) and
+train_throughput_cpu.json (training step vs a plain NNX baseline), and rewrites the text between ``<!-- speed:begin -->`` and ``<!-- speed:end -->``. ``--check`` exits 1 if the README is stale.
 """
 
 from __future__ import annotations
@@ -83,10 +82,10 @@ def dense_chunks_section(r: dict) -> list[str]:
          "whole-batch time / chunked time in the same rounds:", "",
          "| batch × n | whole batch s | chunks picked (sequences) | speed-up | best chunk: speed-up | "
          "temp MiB (whole / picked) | blocked path: speed-up | load (1 min) |", "|---|---|---|---|---|---|---|---|"]
+  label = lambda name: name.removeprefix("chunk_")  # "chunk_2" -> "2"; "whole" stays
   for row in r["rows"]:
     sp, temp = row["speedup_over_whole"], row["temp_bytes"]
     picked, best = row["policy"], row["best"]
-    label = lambda name: "whole" if name == "whole" else name.removeprefix("chunk_")
     out.append(f"| {row['batch']} × {_n(row['n'])} | {_s(row['median_s']['whole'])} | {label(picked)} | "
                f"{sp[picked]:.2f}× | {label(best)}: {sp[best]:.2f}× | {_mib(temp['whole'])} / {_mib(temp[picked])} "
                f"| {sp['blocked']:.2f}× | {row['load_avg_1m'][0]:.1f} |")

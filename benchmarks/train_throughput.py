@@ -4,8 +4,7 @@ and against a plain Flax NNX model of the same shape (2-D matmuls, ``jax.nn.dot_
     PYTHONPATH=. python benchmarks/train_throughput.py [--steps 12] [--batch 16] [--only attnlab_xla,plain_nnx]
 
 Steps timed, interleaved (one step of every variant per round, so load changes hit all of them alike; the order
-rotated each round), median
-over ``--steps`` rounds after two warm-up steps:
+rotated each round), median over ``--steps`` rounds after two warm-up steps:
   * ``attnlab_xla``: the harness's step (``attnlab.train.step.train_step_fn``: donated state, fused log-sum-exp
     loss) with ``AttentionConfig(impl="xla")`` (dense attention);
   * ``attnlab_blocked``: the same with ``impl="blocked"`` (flash-style attention, causal tiles skipped);
@@ -248,15 +247,15 @@ def main() -> None:
     rows[name] = dict(step_s=med, all_s=v["times"], tokens_per_s=tokens / med, xla_flops_per_step=v["flops"],
                       mfu=v["flops"] / med / peak, compile_s=v["compile_s"])
 
-  def paired_speedup(base: str, name: str) -> float:
-    """The median over rounds of base time / ``name`` time in the same round."""
-    return float(np.median([b / t for b, t in zip(variants[base]["times"], variants[name]["times"])]))
+  def paired(base: str, name: str) -> list[float]:
+    """base time / ``name`` time, round by round."""
+    return [b / t for b, t in zip(variants[base]["times"], variants[name]["times"])]
 
   if "plain_nnx" in variants:
-    for name, v in variants.items():
-      paired = [base / t for base, t in zip(variants["plain_nnx"]["times"], v["times"])]
-      rows[name].update(speedup_vs_baseline=paired_speedup("plain_nnx", name),
-                        speedup_range=[float(min(paired)), float(max(paired))])
+    for name in variants:
+      ratios = paired("plain_nnx", name)
+      rows[name].update(speedup_vs_baseline=float(np.median(ratios)),
+                        speedup_range=[float(min(ratios)), float(max(ratios))])
   brief = {n: {k: r[k] for k in ("step_s", "tokens_per_s", "mfu", "speedup_vs_baseline", "speedup_range") if k in r}
            for n, r in rows.items()}
   if only:
@@ -266,7 +265,7 @@ def main() -> None:
   best_name = max(ATTNLAB_F32, key=lambda n: rows[n]["speedup_vs_baseline"])
   best = rows[best_name]
   speedup = best["speedup_vs_baseline"]
-  bf16_gain = paired_speedup("attnlab_blocked", "attnlab_blocked_bf16")
+  bf16_gain = float(np.median(paired("attnlab_blocked", "attnlab_blocked_bf16")))
   ceiling = ceiling_summary(rows)
   verdict = []
   if speedup < TARGETS["speedup_vs_baseline"]:

@@ -145,20 +145,17 @@ def _map_batch_chunks(run, chunk: int, q, k, v, *, bias, mask, segment_ids):
   bias = _broadcastable(None if bias is None else jnp.asarray(bias, jnp.float32), "bias", batch, heads, q_len,
                         kv_len)
   mask = _broadcastable(None if mask is None else jnp.asarray(mask, bool), "mask", batch, heads, q_len, kv_len)
-  per_chunk = {"q": q, "k": k, "v": v, "segment_ids": split_segment_ids(segment_ids, batch, q_len, kv_len)}
+  q_seg, kv_seg = split_segment_ids(segment_ids, batch, q_len, kv_len)
+  per_chunk = {"q": q, "k": k, "v": v, "segment_ids": None if q_seg is None else (q_seg, kv_seg)}
   shared = {}
   for name, x in (("bias", bias), ("mask", mask)):
     (per_chunk if x is not None and x.shape[0] == batch else shared)[name] = x
-  if per_chunk["segment_ids"][0] is None:
-    per_chunk["segment_ids"] = None
   split = lambda x: x.reshape(batch // chunk, chunk, *x.shape[1:])
 
   @jax.checkpoint
   def one_chunk(xs):
     xs = {**shared, **xs}
-    segs = xs["segment_ids"]
-    return run(xs["q"], xs["k"], xs["v"], bias=xs["bias"], mask=xs["mask"],
-               segment_ids=None if segs is None else tuple(segs))
+    return run(xs["q"], xs["k"], xs["v"], bias=xs["bias"], mask=xs["mask"], segment_ids=xs["segment_ids"])
 
   out = jax.lax.map(one_chunk, jax.tree.map(split, per_chunk))
   return out.reshape(batch, *out.shape[2:])
